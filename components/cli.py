@@ -18,6 +18,7 @@ STEPS = {
     "pretrain": ("components.pretrain", "self-supervised pretraining on Ray Train"),
     "retrieve": ("components.retrieve", "leave-one-out retrieval on the test split"),
     "probe": ("components.probe", "linear probes at several label fractions"),
+    "report": ("components.report", "attention and retrieval figures of test images, as an HTML page"),
 }
 
 

@@ -1,0 +1,242 @@
+"""`lcr pretrain` end to end on a real Ray cluster on loopback: DDP over gloo with 2 workers, MLflow,
+fault tolerance, stop/resume through an S3 bucket, and a job submitted through the job API.
+
+One Ray head (`ray start --head --block` on 127.0.0.1, 2 CPUs, dashboard on a free port) serves the
+whole module: the tests' own `pretrain()` calls join it as a driver, and the job test submits to it.
+It is stopped by signalling exactly the processes it started (its session), not with `ray stop`,
+which would kill every Ray process on this shared machine.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import subprocess
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import boto3
+import mlflow
+import pytest
+import ray
+import torch
+from ray.job_submission import JobStatus, JobSubmissionClient
+
+from components import checkpoint, tracking
+from components.pretrain import pretrain
+from components.shards import build_shards
+from lcr_core.config import load_config
+from lcr_core.model import build_model
+from tests.conftest import VENV_BIN, free_port, wait_http
+
+pytestmark = pytest.mark.slow
+
+STEPS_PER_EPOCH = 4  # 32 training images, global batch 8
+TINY = ["backbone=tiny", "image_size=32", "eval_resize=32", "batch_size=8", "num_workers=2", "queue_size=16",
+        "embed_dim=16", "projector_hidden=32", "num_projections=4", "epochs=2", "loader_workers=1",
+        "collective_timeout_s=60", "cpus_per_worker=1", "checkpoint_every_steps=0"]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    out = tmp_path_factory.mktemp("shards")
+    build_shards("synthetic", str(out), options={"num_classes": 4, "train_per_class": 8, "test_per_class": 1,
+                                                 "image_size": 32}, splits=["train"], progress=False)
+    return out
+
+
+def session_pids(session: int) -> list[int]:
+    listing = subprocess.run(["ps", "-o", "pid=", "-s", str(session)], capture_output=True, text=True,
+                             check=False).stdout  # ps exits 1 when the session is empty
+    return [int(pid) for pid in listing.split()]
+
+
+def stop_session(proc: subprocess.Popen, grace: float = 5, timeout: float = 30) -> list[int]:
+    """SIGTERM the head's process group (`ray start --block` then takes ~30 s to wind down, so
+    after `grace` seconds SIGKILL), then SIGKILL whatever of its session is left; returns the pids
+    still there after `timeout` seconds."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    for pid in session_pids(proc.pid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + timeout
+    while (left := session_pids(proc.pid)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return left
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(tmp_path_factory):
+    """A Ray head on loopback, which this process joins; yields the dashboard (job API) address."""
+    root = tmp_path_factory.mktemp("ray")
+    gcs_port, dashboard_port = free_port(), free_port()
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
+    dashboard = f"http://127.0.0.1:{dashboard_port}"
+    with open(root / "head.log", "w") as log:
+        proc = subprocess.Popen(
+            [str(VENV_BIN / "ray"), "start", "--head", "--block", "--num-cpus=2", "--num-gpus=0",
+             "--node-ip-address=127.0.0.1", f"--port={gcs_port}", "--include-dashboard=true",
+             "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", "--disable-usage-stats",
+             f"--temp-dir={root / 'tmp'}"],
+            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=root)
+        try:
+            wait_http(dashboard + "/api/version", 120, proc)
+            ray.init(address=f"127.0.0.1:{gcs_port}")
+            yield dashboard
+        finally:
+            ray.shutdown()
+            left = stop_session(proc)
+    assert left == [], "the Ray head left processes behind"
+
+
+def tiny_config(shards: Path, *overrides: str, **extra):
+    return replace(load_config(None, [*TINY, f"shards={shards}", *overrides]), extra=extra)
+
+
+def history(client: mlflow.MlflowClient, run_id: str, metric: str) -> list[tuple[int, float]]:
+    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, metric))
+
+
+def parameter_names(cfg) -> set[str]:
+    return {name for name, _ in build_model(cfg).named_parameters()}
+
+
+def embeddings(state: dict, cfg) -> torch.Tensor:
+    model = build_model(cfg)
+    model.load_state_dict(state)
+    with torch.no_grad():
+        return model.eval().embed(probe_images())
+
+
+def probe_images() -> torch.Tensor:
+    return torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(ray_cluster, shards, mlflow_server, tmp_path_factory):
+    """One uninterrupted 2-epoch run tracked on the MLflow server; each rank dumps its final weights."""
+    root = tmp_path_factory.mktemp("uninterrupted")
+    cfg = tiny_config(shards, "run_name=whole", f"storage_path={root / 'runs'}",
+                      dump_final_weights=str(root / "weights"))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+        result = pretrain(cfg)
+    ranks = [torch.load(root / "weights" / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    return cfg, result, ranks
+
+
+def test_two_workers_hold_the_same_weights_and_log_to_mlflow(uninterrupted, mlflow_server):
+    cfg, result, (rank0, rank1) = uninterrupted
+    assert result.metrics["global_step"] == 2 * STEPS_PER_EPOCH and result.metrics["epoch"] == 2
+    # DDP keeps the parameters equal; the queue is filled with the keys gathered from both ranks.
+    # (BatchNorm running statistics are per rank between steps: DDP re-broadcasts rank 0's each step.)
+    for name in parameter_names(cfg) | {"queue", "queue_ptr"}:
+        assert torch.equal(rank0[name], rank1[name]), name
+    assert not torch.equal(rank0["queue"], build_model(cfg).queue)
+    saved = checkpoint.load_checkpoint(result.checkpoint_uri)
+    assert Path(result.checkpoint_uri).name == f"checkpoint_{2 * STEPS_PER_EPOCH:08d}"
+    assert all(torch.equal(saved["model"][k], v) for k, v in rank0.items())
+
+    client = mlflow.MlflowClient(mlflow_server)
+    run = client.get_run(result.mlflow_run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["variant"] == "lcr" and run.data.params["num_workers"] == "2"
+    steps = list(range(1, 2 * STEPS_PER_EPOCH + 1))
+    for metric in ("loss", "loss_cl", "loss_kl", "lr", "images_per_s", "data_skipped"):
+        assert [step for step, _ in history(client, result.mlflow_run_id, metric)] == steps, metric
+    lrs = [value for _, value in history(client, result.mlflow_run_id, "lr")]
+    assert lrs[0] == pytest.approx(cfg.scaled_lr) and lrs == sorted(lrs, reverse=True)  # cosine, no warmup
+    assert all(value > 0 for _, value in history(client, result.mlflow_run_id, "images_per_s"))
+    epochs = [value for _, value in history(client, result.mlflow_run_id, "epoch")]
+    assert epochs == [(step + 1) / STEPS_PER_EPOCH for step in range(2 * STEPS_PER_EPOCH)]
+    artifacts = client.list_artifacts(result.mlflow_run_id, "checkpoint")
+    assert [a.path for a in artifacts] == ["checkpoint/checkpoint.pt"]
+
+    mlflow.set_tracking_uri(mlflow_server)
+    logged = tracking.load_encoder(result.model_uri)
+    with torch.no_grad():
+        logged_embeddings = logged.embed(probe_images())
+    assert torch.allclose(logged_embeddings, embeddings(rank0, cfg), atol=1e-6)
+
+
+def test_a_failed_worker_resumes_from_the_last_checkpoint(ray_cluster, shards, mlflow_server, tmp_path):
+    every, fail_at = 2, 3
+    marker = tmp_path / "failed-once"
+    cfg = tiny_config(shards, "run_name=faulty", f"storage_path={tmp_path / 'runs'}", "epochs=1",
+                      f"checkpoint_every_steps={every}", "max_failures=1",
+                      fail_at_step=fail_at, fail_marker=str(marker))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+        result = pretrain(cfg)
+    assert marker.read_text() == f"failed at step {fail_at}\n"
+    # Finished the epoch once: had the restart begun the epoch again, global_step would exceed 4.
+    assert result.metrics["global_step"] == STEPS_PER_EPOCH and result.metrics["epoch"] == 1
+    client = mlflow.MlflowClient(mlflow_server)
+    resumed = history(client, result.mlflow_run_id, "resumed_from_step")
+    assert [value for _, value in resumed] == [2.0]
+    assert fail_at - resumed[0][1] <= every  # at most one checkpoint interval of work lost
+    assert {step for step, _ in history(client, result.mlflow_run_id, "loss")} >= {3, 4}
+    assert sorted(p.name for p in (tmp_path / "runs" / "faulty").glob("checkpoint_0*")) == [
+        "checkpoint_00000002", "checkpoint_00000004"]
+
+
+def test_stop_and_resume_through_a_bucket_matches_the_uninterrupted_run(
+        ray_cluster, shards, s3_bucket, uninterrupted, tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)  # the default tracking store: ./mlflow.db
+    storage_path = f"s3://{s3_bucket}/runs"
+    first = pretrain(tiny_config(shards, "run_name=halves", f"storage_path={storage_path}",
+                                 stop_after_epoch=1))
+    assert first.checkpoint_uri == f"{storage_path}/halves/checkpoint_{STEPS_PER_EPOCH:08d}"
+    keys = {o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket=s3_bucket)["Contents"]}
+    assert f"runs/halves/checkpoint_{STEPS_PER_EPOCH:08d}/checkpoint.pt" in keys
+
+    cfg = tiny_config(shards, "run_name=halves", f"storage_path={storage_path}",
+                      dump_final_weights=str(tmp_path / "weights"))
+    second = pretrain(cfg)
+    assert second.checkpoint_uri == f"{storage_path}/halves/checkpoint_{2 * STEPS_PER_EPOCH:08d}"
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    assert [v for _, v in history(client, second.mlflow_run_id, "resumed_from_step")] == [STEPS_PER_EPOCH]
+    assert [s for s, _ in history(client, second.mlflow_run_id, "loss")] == list(
+        range(STEPS_PER_EPOCH + 1, 2 * STEPS_PER_EPOCH + 1))
+
+    # Same data order, RNG states, optimizer and schedule: bit-identical to the uninterrupted run.
+    _, _, whole = uninterrupted
+    for rank in range(2):
+        resumed = torch.load(tmp_path / "weights" / f"rank{rank}.pt", weights_only=True)
+        for name, tensor in whole[rank].items():
+            assert torch.equal(resumed[name], tensor), f"rank {rank}: {name}"
+    restored = tracking.load_encoder(second.checkpoint_uri)
+    assert all(torch.equal(restored.state_dict()[k], v) for k, v in whole[0].items())
+
+
+def test_a_job_submitted_to_the_cluster_succeeds(ray_cluster, shards, tmp_path):
+    overrides = [*TINY, f"shards={shards}", "epochs=1", "run_name=job", f"storage_path={tmp_path / 'runs'}"]
+    client = JobSubmissionClient(ray_cluster)
+    job = client.submit_job(
+        entrypoint=shlex.join([str(VENV_BIN / "python"), "-m", "components.cli", "pretrain", *overrides]),
+        runtime_env={"env_vars": {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}})
+    deadline = time.monotonic() + 300
+    while not (status := client.get_job_status(job)).is_terminal():
+        assert time.monotonic() < deadline, "job still running after 300 s"
+        time.sleep(2)
+    logs = client.get_job_logs(job)
+    assert status == JobStatus.SUCCEEDED, logs[-3000:]
+    assert f"checkpoint: {tmp_path / 'runs' / 'job'}/checkpoint_{STEPS_PER_EPOCH:08d}" in logs
+    store = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    (run,) = store.search_runs([store.get_experiment_by_name("lcr").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.tags["lcr.model_uri"].startswith("models:/")
+    assert len(history(store, run.info.run_id, "loss")) == STEPS_PER_EPOCH
+    # Artefacts sit beside the database, not in the working directory of whichever process logged.
+    run_artifacts = tmp_path / "mlartifacts" / "lcr" / run.info.run_id / "artifacts"
+    assert (run_artifacts / "checkpoint" / "checkpoint.pt").is_file()

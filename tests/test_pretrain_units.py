@@ -1,0 +1,205 @@
+"""Pieces of the pretrain step that need no Ray: checkpoints, RNG states, MLflow params and models."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import ray.train
+import torch
+
+from components import checkpoint, pretrain, tracking
+from components.checkpoint import Progress
+from lcr_core.config import LCRConfig
+from lcr_core.errors import LCRError
+from lcr_core.model import build_model
+from lcr_core.train import build_optimizer, build_scheduler, train_step
+
+
+def tiny_config(**overrides) -> LCRConfig:
+    values = {"backbone": "tiny", "image_size": 32, "eval_resize": 32, "batch_size": 4, "queue_size": 8,
+              "embed_dim": 16, "projector_hidden": 32, "num_projections": 4, "epochs": 2, "run_name": "unit"}
+    values.update(overrides)
+    return LCRConfig(**values).validate()
+
+
+def images(n: int = 4, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+def trained_one_step(cfg: LCRConfig):
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    optimizer = build_optimizer(model, cfg)
+    scheduler = build_scheduler(optimizer, cfg, steps_per_epoch=3)
+    train_step(model, (images(seed=1), images(seed=2)), optimizer, scheduler)
+    return model, optimizer, scheduler
+
+
+def momentum_of(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    return [optimizer.state[p]["momentum_buffer"] for p in optimizer.param_groups[0]["params"]]
+
+
+def draws() -> tuple:
+    return torch.rand(3).tolist(), np.random.rand(3).tolist(), [random.random() for _ in range(3)]
+
+
+def test_checkpoint_round_trip_is_weights_only_and_complete(tmp_path):
+    cfg = tiny_config(extra={"note": "x"})
+    model, optimizer, scheduler = trained_one_step(cfg)
+    rng = [checkpoint.rng_state()]
+    state = checkpoint.training_state(model, optimizer, scheduler, Progress(1, 2, 5), rng, cfg.to_dict())
+    checkpoint.save_checkpoint(tmp_path, state)
+    # The file itself must load under the strictest setting, with no allow-listed globals.
+    raw = torch.load(tmp_path / checkpoint.CHECKPOINT_FILE, weights_only=True)
+    assert set(raw) == {"format_version", "model", "optimizer", "scheduler", "progress", "rng", "config"}
+    assert {"queue", "queue_ptr"} <= set(raw["model"])
+    assert any(k.startswith("encoder_k.") for k in raw["model"])
+    assert raw["config"] == cfg.to_dict()
+
+    torch.manual_seed(123)
+    fresh = build_model(cfg)
+    fresh_optimizer = build_optimizer(fresh, cfg)
+    fresh_scheduler = build_scheduler(fresh_optimizer, cfg, steps_per_epoch=3)
+    progress = checkpoint.restore_training_state(checkpoint.load_checkpoint(tmp_path), fresh, fresh_optimizer,
+                                                 fresh_scheduler, rank=0, world_size=1)
+    assert progress == Progress(1, 2, 5)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, fresh.state_dict()[name]), name
+    assert fresh_scheduler.state_dict() == scheduler.state_dict()
+    assert all(torch.equal(momentum_of(optimizer)[i], momentum_of(fresh_optimizer)[i])
+               for i in range(len(momentum_of(optimizer))))
+    # The next step is the same step: same loss, same weights afterwards.
+    batch = (images(seed=3), images(seed=4))
+    torch.manual_seed(7)
+    expected = train_step(model, batch, optimizer, scheduler)
+    torch.manual_seed(7)
+    assert train_step(fresh, batch, fresh_optimizer, fresh_scheduler) == expected
+    assert all(torch.equal(tensor, fresh.state_dict()[name]) for name, tensor in model.state_dict().items())
+
+
+def test_rng_states_restore_every_generator(tmp_path):
+    random.seed(1)
+    np.random.seed(1)
+    torch.manual_seed(1)
+    np.random.randn()  # leaves a cached Gaussian in numpy's state
+    saved = checkpoint.rng_state()
+    expected = draws()
+    torch.save({"rng": [saved]}, tmp_path / "rng.pt")
+    draws()
+    checkpoint.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True)["rng"][0])
+    assert draws() == expected
+
+
+def test_rng_is_kept_when_world_size_changed(tmp_path):
+    cfg = tiny_config()
+    model, optimizer, scheduler = trained_one_step(cfg)
+    state = checkpoint.training_state(model, optimizer, scheduler, Progress(), [checkpoint.rng_state()] * 2,
+                                      cfg.to_dict())
+    torch.manual_seed(5)
+    expected = torch.rand(2)
+    torch.manual_seed(5)
+    checkpoint.restore_training_state(state, model, optimizer, scheduler, rank=0, world_size=4)
+    assert torch.equal(torch.rand(2), expected)
+
+
+def test_bad_checkpoint_files_are_one_line_errors(tmp_path):
+    with pytest.raises(LCRError, match="no checkpoint.pt there"):
+        checkpoint.load_checkpoint(tmp_path)
+    (tmp_path / checkpoint.CHECKPOINT_FILE).write_bytes(b"not a torch file")
+    with pytest.raises(LCRError, match="cannot be read as a weights-only torch file") as err:
+        checkpoint.load_checkpoint(tmp_path)
+    assert "\n" not in str(err.value)
+    torch.save({"model": {}}, tmp_path / checkpoint.CHECKPOINT_FILE)
+    with pytest.raises(LCRError, match="not an lcr checkpoint"):
+        checkpoint.load_checkpoint(tmp_path)
+    torch.save({"format_version": 1, "code": Progress()}, tmp_path / checkpoint.CHECKPOINT_FILE)
+    with pytest.raises(LCRError, match="cannot be read as a weights-only torch file"):
+        checkpoint.load_checkpoint(tmp_path)  # a pickled object is refused, never constructed
+
+
+def test_config_params_never_hold_credentials():
+    cfg = tiny_config(storage_path="s3://admin:hunter2@bucket/runs",
+                      extra={"api_token": "t0k", "db_password": "pw", "aws_secret": "s", "access_key": "k",
+                             "fail_at_step": 3, "nested": {"secret_key": "x", "kept": 1}})
+    params = tracking.config_params(cfg.to_dict())
+    assert params["storage_path"] == "s3://bucket/runs"
+    assert params["extra.fail_at_step"] == "3" and params["extra.nested.kept"] == "1"
+    assert params["variant"] == "lcr" and params["lr"] == "0.03"
+    text = repr(params)
+    for secret in ("hunter2", "t0k", "pw", "'s'", "'k'", "'x'", "password", "token", "secret"):
+        assert secret not in text
+    assert len(params) == len(cfg.to_dict()) - 1 + 2  # extra flattened to its 2 harmless leaves
+
+
+def test_default_tracking_store_is_sqlite_in_the_working_directory(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    uri = tracking.tracking_uri()
+    assert uri == f"sqlite:///{tmp_path}/mlflow.db"
+    first = tracking.prepare_experiment(uri, "lcr")
+    assert (tmp_path / "mlflow.db").is_file()
+    assert tracking.prepare_experiment(uri, "lcr") == first  # created once, then found
+    artifacts = mlflow.MlflowClient(uri).get_experiment(first).artifact_location
+    assert artifacts == (tmp_path / "mlartifacts" / "lcr").as_uri()  # beside the database, whoever logs
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:1")
+    assert tracking.tracking_uri() == "http://127.0.0.1:1"
+
+
+def test_logged_encoder_round_trips_through_an_mlflow_server(mlflow_server, tmp_path):
+    cfg = tiny_config(variant="lcr")
+    model, _, _ = trained_one_step(cfg)
+    model.eval()
+    run_id = tracking.start_run(mlflow_server, cfg, {"lcr.variant": cfg.variant})
+    model_uri = tracking.log_encoder(mlflow_server, run_id, model.state_dict(), cfg)
+    batch = images(6, seed=9)
+    with torch.no_grad():
+        expected = model.embed(batch)
+
+    mlflow.set_tracking_uri(mlflow_server)
+    loaded = tracking.load_encoder(model_uri)
+    with torch.no_grad():
+        assert torch.allclose(loaded.embed(batch), expected, atol=1e-6)
+    pyfunc = mlflow.pyfunc.load_model(model_uri)
+    predicted = pyfunc.predict(batch.numpy())
+    assert predicted.shape == (6, 256) and np.allclose(predicted, expected.numpy(), atol=1e-6)
+    assert np.allclose(np.linalg.norm(predicted, axis=1), 1, atol=1e-5)
+    requirements = mlflow.pyfunc.get_model_dependencies(model_uri)
+    assert "torch==" in Path(requirements).read_text()
+
+    optimizer = build_optimizer(model, cfg)
+    state = checkpoint.training_state(model, optimizer, build_scheduler(optimizer, cfg, 3), Progress(),
+                                      [checkpoint.rng_state()], cfg.to_dict())
+    checkpoint.save_checkpoint(tmp_path, state)
+    with torch.no_grad():
+        assert torch.equal(tracking.load_encoder(tmp_path).embed(batch), expected)
+
+
+def test_missing_bucket_is_a_one_line_error(s3_server):
+    with pytest.raises(LCRError, match="bucket 'no-such-bucket' does not exist") as err:
+        pretrain.checkpoint_storage("s3://no-such-bucket/runs")
+    assert "\n" not in str(err.value)
+
+
+def test_fault_hook_needs_its_marker():
+    with pytest.raises(LCRError, match="extra.fail_marker"):
+        pretrain.check_hooks(tiny_config(extra={"fail_at_step": 2}))
+
+
+def test_resuming_with_a_different_model_is_refused():
+    saved = tiny_config().to_dict()
+    checkpoint.check_resumable(saved, tiny_config(epochs=5, checkpoint_every_steps=3).to_dict(), "runs/x")
+    with pytest.raises(LCRError, match=r"checkpoint runs/x was written with backbone='tiny' but the config "
+                                       r"has 'resnet18'; expected the same value"):
+        checkpoint.check_resumable(saved, tiny_config(backbone="resnet18").to_dict(), "runs/x")
+
+
+def test_a_worker_error_is_summarised_in_one_line():
+    failures = {1: RuntimeError("boom\nsecond line"), 0: LCRError("shards/train: no manifest.json")}
+    summary = pretrain.failure_summary(ray.train.WorkerGroupError("two ranks failed", failures))
+    assert summary == "rank 0: shards/train: no manifest.json"
+    traceback = RuntimeError("Traceback\n  ...\nboom")
+    assert pretrain.failure_summary(ray.train.WorkerGroupError("x", {1: traceback})) == "rank 1: boom"
