@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import html
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -145,7 +146,7 @@ def map_rows(images: list[np.ndarray], rows: list[tuple[str, torch.Tensor]], pat
     size = images[0].shape[0]
     for col, image in enumerate(images):
         axes[0, col].imshow(image)
-        axes[0, col].set_title(titles[col], fontsize=7)
+        axes[0, col].set_title(caption(titles[col]), fontsize=7)
         for row, (_, maps) in enumerate(rows, start=1):
             axes[row, col].imshow(image)
             axes[row, col].imshow(upsampled(maps[col], size), cmap="jet", alpha=0.5)
@@ -154,13 +155,18 @@ def map_rows(images: list[np.ndarray], rows: list[tuple[str, torch.Tensor]], pat
     return save(fig, path)
 
 
+def caption(name: str, width: int = 22) -> str:
+    """A class name wrapped onto short lines (names like CUB's use '_' for spaces), never cut."""
+    return textwrap.fill(name.replace("_", " "), width)
+
+
 def retrieval_figure(queries: np.ndarray, matches: np.ndarray, features: Features, images: dict,
                      path: Path) -> Path:
     fig, axes = grid(len(queries), 1 + matches.shape[1])
     names = features.class_names
     for row, (query, found) in enumerate(zip(queries, matches)):
         axes[row, 0].imshow(displayable(images[features.keys[query]]))
-        axes[row, 0].set_title(f"query: {names[features.labels[query]]}"[:28], fontsize=7)
+        axes[row, 0].set_title(caption(f"query: {names[features.labels[query]]}"), fontsize=7)
         for col, match in enumerate(found, start=1):
             right = features.labels[match] == features.labels[query]
             ax = axes[row, col]
@@ -210,7 +216,7 @@ def build_report(setup: EvaluationSetup, model_ref: str, out_dir: str | Path, nu
     batch = torch.stack([images[shown.keys[i]] for i in queries])
     maps = attention_maps(model, batch, num_projections)
     pictures = [displayable(image) for image in batch]
-    titles = [shown.class_names[shown.labels[i]][:18] for i in queries]
+    titles = [shown.class_names[shown.labels[i]] for i in queries]
 
     rows = [("GradCAM", maps.gradcam)] + ([("GFB A'", maps.attention)] if maps.attention is not None else [])
     figures = [("Images, contrastive GradCAM and the GFB attention A' (paper fig. 1)",

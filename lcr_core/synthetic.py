@@ -31,7 +31,7 @@ CLUTTER_KINDS = 4  # ellipse, rectangle, thick line, triangle
 
 # Class-bearing part slots, in the order `num_differing_parts` enables them. Each slot has an anchor
 # in the object's own frame (body length 1, facing +x, y down) and variants that all stay within
-# `part_size` of the anchor, so the slot's region is known whatever the class.
+# PART_EXTENT * part_size of the anchor, so the slot's region is known whatever the class.
 PART_SLOTS: dict[str, dict[str, Any]] = {
     "wing": {"anchor": (-0.04, 0.03), "variants": ("white", "black", "red", "yellow", "blue")},
     "crest": {"anchor": (0.37, -0.15), "variants": ("none", "spike", "tuft", "fork")},
@@ -90,15 +90,19 @@ class SyntheticSpec:
     test_per_class: int = 20
     image_size: int = 96
     seed: int = 0
-    part_size: float = 0.1  # radius of a class-bearing part, as a fraction of the body length
+    part_size: float = 0.18  # radius of a class-bearing part, as a fraction of the body length
     num_differing_parts: int = 3  # how many part slots vary between classes (1..len(PART_SLOTS))
-    clutter_density: float = 1.0  # clutter shapes per image = round(24 * density)
-    clutter_contrast: float = 0.5  # 0..1: colour deviation of clutter from the background's own hues
-    object_scale: tuple[float, float] = (0.5, 0.7)  # body length as a fraction of the image side
+    clutter_density: float = 0.5  # clutter shapes per image = round(24 * density)
+    clutter_contrast: float = 0.3  # 0..1: colour deviation of clutter from the background's own hues
+    # 0..1: spread of the background's colours around mid-grey (1 = the whole RGB cube). A wide spread
+    # makes the global background colour an instance cue that even colour jitter leaves intact.
+    background_variety: float = 0.2
+    object_scale: tuple[float, float] = (0.58, 0.62)  # body length as a fraction of the image side
     max_tilt: float = 30.0  # degrees the object may pitch up or down; it also faces left or right
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "object_scale", tuple(self.object_scale))  # YAML/JSON give lists
+        if isinstance(self.object_scale, list):  # YAML and JSON give lists
+            object.__setattr__(self, "object_scale", tuple(self.object_scale))
         self.validate()
 
     def validate(self) -> None:
@@ -111,6 +115,10 @@ class SyntheticSpec:
                 bad(name, "an integer >= 1")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             bad("seed", "an integer >= 0")
+        for name in ("part_size", "clutter_density", "clutter_contrast", "background_variety", "max_tilt"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                bad(name, "a number")
         if self.num_classes < 2:
             bad("num_classes", "at least 2")
         if self.image_size < 16:
@@ -126,8 +134,11 @@ class SyntheticSpec:
             bad("clutter_density", "a number in [0, 5]")
         if not 0.0 <= self.clutter_contrast <= 1.0:
             bad("clutter_contrast", "a number in [0, 1]")
+        if not 0.0 <= self.background_variety <= 1.0:
+            bad("background_variety", "a number in [0, 1]")
         low_high = self.object_scale
-        if (len(low_high) != 2 or not all(isinstance(v, (int, float)) for v in low_high)
+        if (not isinstance(low_high, tuple) or len(low_high) != 2
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in low_high)
                 or not 0.2 <= low_high[0] <= low_high[1] <= max_object_scale(self.part_size)):
             bad("object_scale", f"a pair (low, high) with 0.2 <= low <= high <= "
                                 f"{max_object_scale(self.part_size)} (larger objects leave the frame)")
@@ -209,7 +220,7 @@ def _draw_layout(spec: SyntheticSpec, rng: np.random.Generator) -> dict[str, Any
     n = round(24 * spec.clutter_density)
     return {
         "length": length, "facing": facing, "tilt": tilt, "centre": centre, "body": body,
-        "bg_corners": rng.uniform(0, 255, (4, 3)),
+        "bg_corners": 127.5 + spec.background_variety * (rng.uniform(0, 255, (4, 3)) - 127.5),
         "bg_blotch": rng.standard_normal((6, 6, 3)),
         "clutter_kind": rng.integers(CLUTTER_KINDS, size=n),
         "clutter_points": rng.uniform(-0.1, 1.1, (n, 6)) * side,  # centre or end points, third vertex

@@ -77,7 +77,8 @@ def test_class_names_are_distinct_part_combinations():
 
 @pytest.mark.parametrize("index", [0, 5, 11])
 def test_classes_differ_only_inside_the_part_regions(index):
-    spec = SyntheticSpec(num_classes=12, num_differing_parts=3, image_size=64, seed=1)
+    spec = SyntheticSpec(num_classes=12, num_differing_parts=3, image_size=64, seed=1, part_size=0.1,
+                         object_scale=(0.5, 0.7))
     differing = list(PART_SLOTS)[: spec.num_differing_parts]
     reference = render(spec, "train", index, label=0)
     allowed = np.zeros((64, 64), dtype=bool)
@@ -139,8 +140,11 @@ def test_dataset_feeds_a_torch_dataloader():
     ("part_size", 0.5, "[0.03, 0.2]"),
     ("clutter_density", -1.0, "[0, 5]"),
     ("clutter_contrast", 1.5, "[0, 1]"),
+    ("background_variety", -0.1, "[0, 1]"),
     ("object_scale", (0.7, 0.3), "low <= high"),
     ("max_tilt", 90.0, "[0, 60]"),
+    ("part_size", "big", "a number"),
+    ("object_scale", 0.5, "a pair"),
 ])
 def test_spec_validation_names_field_and_expectation(field, value, expected):
     values = {"num_differing_parts": 2, "num_classes": 12} | {field: value}
