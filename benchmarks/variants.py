@@ -6,15 +6,14 @@
 
 Single process, plain torch, lcr_core only. Each run pretrains on the synthetic train split and
 evaluates leave-one-out retrieval on the test split (DESIGN §2) with the variant's test pooling
-(and, for diagnosis, the other pooling too). Every figure is printed with its chance level: rank-k
-chance is exact (hypergeometric), mAP chance is the mean over random rankings.
+(and, for diagnosis, the other pooling too). Every figure is printed with its chance level, the
+exact expectation over random rankings (`lcr_core.metrics.chance_levels`).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import statistics
 import sys
 import time
@@ -34,7 +33,7 @@ from lcr_core.coarse_init import pretrain_coarse  # noqa: E402
 from lcr_core.config import LCRConfig, load_config  # noqa: E402
 from lcr_core.errors import LCRError  # noqa: E402
 from lcr_core.losses import normalize_attention  # noqa: E402
-from lcr_core.metrics import retrieval_metrics  # noqa: E402
+from lcr_core.metrics import chance_levels, retrieval_metrics  # noqa: E402
 from lcr_core.model import build_model  # noqa: E402
 from lcr_core.synthetic import SyntheticDataset, SyntheticSpec, generate, label_of  # noqa: E402
 from lcr_core.train import build_optimizer, build_scheduler, extract_embeddings, train_step  # noqa: E402
@@ -59,28 +58,6 @@ BENCH_CONFIG = {
     "warmup_epochs": 1,
     "loader_workers": 1,
 }
-
-
-# ---------------------------------------------------------------------------------------------
-# Chance levels of leave-one-out retrieval, from the class sizes alone.
-
-def chance_rank_k(labels: np.ndarray, k: int) -> float:
-    """Mean over queries of P(one of k random other items shares the query's class)."""
-    n = len(labels)
-    counts = np.bincount(labels)
-    hits = [1.0 - math.comb(n - c, k) / math.comb(n - 1, k) for c in counts[labels] if c > 1]
-    return float(np.mean(hits))
-
-
-def chance_map(labels: np.ndarray, draws: int = 20, seed: int = 0) -> float:
-    """Mean AP of random rankings: the metric on random embeddings (ties have probability zero)."""
-    rng = np.random.default_rng(seed)
-    return float(np.mean([retrieval_metrics(rng.standard_normal((len(labels), 32)), labels)["mAP"]
-                          for _ in range(draws)]))
-
-
-def chance_levels(labels: np.ndarray) -> dict[str, float]:
-    return {"rank1": chance_rank_k(labels, 1), "rank5": chance_rank_k(labels, 5), "mAP": chance_map(labels)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -236,7 +213,8 @@ def coarse_weights(spec: SyntheticSpec, backbone: str, image_size: int, epochs: 
 def benchmark(variants: list[str], seeds: list[int], overrides: dict, weights: str | None,
               spec: SyntheticSpec) -> int:
     labels = np.array([label_of(spec, i) for i in range(spec.split_size("test"))])
-    chance = chance_levels(labels)
+    levels = chance_levels(labels)
+    chance = {m: levels[f"chance_{m}"] for m in METRICS}
     print(f"data: {spec}")
     print(f"config: {BENCH_CONFIG | overrides}; init: {weights or 'random'}")
     print("chance: " + ", ".join(f"{m} {100 * chance[m]:.1f} %" for m in METRICS))
