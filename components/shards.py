@@ -6,7 +6,8 @@
 Layout under DEST: `<split>/<split>-NNNNNN.tar` (`{key}.jpg`, `{key}.cls`, `{key}.json` per sample)
 and `<split>/manifest.json`. Safety under interruption comes from the order of writes: the split's old
 manifest is deleted first, each shard is staged locally and appears at DEST only complete (an atomic
-rename, or a completed multipart upload), and the manifest is written last. A re-run writes
+rename, or a completed multipart upload), and the manifest is written last; only then are the
+shards of an earlier, larger build that it no longer names deleted. A re-run writes
 byte-identical shards (fixed sample order and tar timestamps) and skips every shard whose sha256 is
 already at DEST, so nothing uploaded before an interruption is uploaded again.
 """
@@ -189,7 +190,20 @@ def write_split(source: Source, split: str, split_uri: str, maxcount: int = DEFA
                         shards=shards.entries, total=total, tool_version=tool_version(),
                         options=source.options, unreadable=unreadable)
     storage.write_bytes(manifest_uri(split_uri), manifest.to_json().encode("utf-8"))  # last
+    remove_stale_shards(split, split_uri, manifest)
     return SplitBuild(split_uri, manifest, shards.written, shards.reused)
+
+
+def remove_stale_shards(split: str, split_uri: str, manifest: Manifest) -> list[str]:
+    """Delete the shards of an earlier, larger build that the new manifest no longer names. Only
+    after the manifest is written (an interruption leaves extra files, never missing ones), and only
+    names of the `<split>-NNNNNN.tar` pattern: nothing else in the folder is touched."""
+    named = {entry.name for entry in manifest.shards}
+    pattern = re.compile(rf"{re.escape(split)}-\d{{6}}\.tar")
+    stale = [name for name in storage.list_files(split_uri) if pattern.fullmatch(name) and name not in named]
+    for name in stale:
+        storage.delete(storage.join(split_uri, name))
+    return stale
 
 
 def build_shards(source: str | Source, out: str, root: str | Path | None = None, *,

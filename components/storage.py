@@ -197,22 +197,32 @@ def _check_bucket(uri: str) -> None:
             raise
 
 
-def list_dirs(uri: str) -> list[str]:
-    """Names of the immediate sub-folders (common prefixes on S3), sorted."""
+def _listing(uri: str) -> tuple[list[str], list[str]]:
+    """Names of the immediate sub-folders and files (common prefixes and objects on S3), each sorted."""
     if is_s3(uri):
         bucket, prefix = split_s3(uri)
         prefix = prefix + "/" if prefix else ""
-        names = []
+        folders, files = [], []
         with s3_errors(uri):
             pages = s3_client().get_paginator("list_objects_v2").paginate(
                 Bucket=bucket, Prefix=prefix, Delimiter="/")
             for page in pages:
-                names += [p["Prefix"][len(prefix):].strip("/") for p in page.get("CommonPrefixes", [])]
-        return sorted(names)
+                folders += [p["Prefix"][len(prefix):].strip("/") for p in page.get("CommonPrefixes", [])]
+                files += [item["Key"][len(prefix):] for item in page.get("Contents", [])]
+        return sorted(folders), sorted(files)
     path = Path(uri)
     if not path.is_dir():
         raise NotFound(f"{uri}: no such folder; expected it to exist")
-    return sorted(p.name for p in path.iterdir() if p.is_dir())
+    entries = list(path.iterdir())
+    return sorted(p.name for p in entries if p.is_dir()), sorted(p.name for p in entries if p.is_file())
+
+
+def list_dirs(uri: str) -> list[str]:
+    return _listing(uri)[0]
+
+
+def list_files(uri: str) -> list[str]:
+    return _listing(uri)[1]
 
 
 def file_sha256(path: str | Path) -> str:

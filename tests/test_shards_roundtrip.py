@@ -260,3 +260,16 @@ def test_cli_build_verify_and_one_line_errors(tmp_path, capsys):
     assert "images.txt is missing" in capsys.readouterr().err
     assert cli.main(["shards", "build", "--source", "synthetic", "--out", str(out), "--option", "colour=1"]) == 2
     assert "option 'colour': expected SyntheticSpec fields" in capsys.readouterr().err
+
+
+def test_a_smaller_rebuild_removes_only_the_shards_it_no_longer_names(tmp_path):
+    split = tmp_path / "train"
+    build_shards(colour_source({"train": 12}), str(tmp_path), maxcount=3, progress=False)
+    assert sorted(p.name for p in split.glob("*.tar")) == [f"train-{i:06d}.tar" for i in range(4)]
+    (split / "notes.txt").write_text("mine")
+    (split / "train-old.tar").write_bytes(b"not ours to judge")
+    rebuilt = build_shards(colour_source({"train": 12}), str(tmp_path), maxcount=6, progress=False)["train"]
+    assert [e.name for e in rebuilt.manifest.shards] == ["train-000000.tar", "train-000001.tar"]
+    assert sorted(p.name for p in split.iterdir()) == [
+        "manifest.json", "notes.txt", "train-000000.tar", "train-000001.tar", "train-old.tar"]
+    assert verify_shards(str(tmp_path), progress=False)["train"].total == 12

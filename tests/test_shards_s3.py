@@ -70,6 +70,14 @@ def test_interrupted_upload_then_rerun_loses_nothing(s3_bucket, s3):
     assert verify_shards(dest, progress=False)["train"].total == 20
 
 
+def test_a_smaller_rebuild_in_the_bucket_leaves_no_stale_shards(s3_bucket, s3):
+    dest = f"s3://{s3_bucket}/resized"
+    build_shards(colour_source({"train": 12}), dest, maxcount=3, progress=False)
+    build_shards(colour_source({"train": 12}), dest, maxcount=6, progress=False)
+    listed = sorted(o["Key"] for o in s3.list_objects_v2(Bucket=s3_bucket, Prefix="resized/train/")["Contents"])
+    assert listed == ["resized/train/manifest.json", "resized/train/train-000000.tar", "resized/train/train-000001.tar"]
+
+
 def test_checksum_mismatch_in_the_bucket(s3_bucket, s3):
     dest = f"s3://{s3_bucket}/colours"
     build_shards(colour_source({"train": 8}), dest, maxcount=4, progress=False)
