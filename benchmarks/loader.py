@@ -28,13 +28,10 @@ import contextlib
 import io
 import itertools
 import os
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -44,11 +41,14 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets import ImageFolder
 from tqdm import tqdm
 
-from components import storage
-from components.data import train_loader
-from components.shards import build_shards
-from lcr_core.augment import two_crop_transform
-from lcr_core.config import LCRConfig
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests.services
+
+from components import storage  # noqa: E402
+from components.data import train_loader  # noqa: E402
+from components.shards import build_shards  # noqa: E402
+from lcr_core.augment import two_crop_transform  # noqa: E402
+from lcr_core.config import LCRConfig  # noqa: E402
+from tests.services import free_port, stop, wait_http  # noqa: E402
 
 WIDTH, HEIGHT = 500, 375
 CLASSES = 20
@@ -120,25 +120,17 @@ class ObjectPerImage(Dataset):
 @contextlib.contextmanager
 def s3_server():
     """moto's S3-protocol server on a free loopback port, for the duration; stopped by process group."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     endpoint = f"http://127.0.0.1:{port}"
-    os.environ.update(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench",
-                      AWS_DEFAULT_REGION="us-east-1")
     try:
-        for _ in range(100):
-            try:
-                urllib.request.urlopen(endpoint + "/moto-api/", timeout=2).close()
-                break
-            except OSError:
-                time.sleep(0.3)
+        wait_http(endpoint + "/moto-api/", 60, proc)
+        os.environ.update(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench",
+                          AWS_DEFAULT_REGION="us-east-1")
         yield endpoint
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait()
+        stop(proc)
 
 
 def upload_tree(root: Path, prefix: str) -> None:

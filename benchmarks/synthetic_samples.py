@@ -10,31 +10,19 @@ last row renders one training image as every class in turn: only the part region
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 import time
 from pathlib import Path
 
-import yaml
 from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from components.converters import parse_options  # noqa: E402
 from lcr_core.errors import LCRError  # noqa: E402
 from lcr_core.synthetic import SyntheticSpec, class_names, render  # noqa: E402
 
 LABEL_WIDTH = 230
-
-
-def spec_from_overrides(overrides: list[str]) -> SyntheticSpec:
-    values = {}
-    known = {f.name for f in dataclasses.fields(SyntheticSpec)}
-    for text in overrides:
-        key, _, value = text.partition("=")
-        if key not in known or not value:
-            raise LCRError(f"--set {text!r}: expected field=value with field one of {', '.join(sorted(known))}")
-        values[key] = yaml.safe_load(value)
-    return SyntheticSpec(**values)
 
 
 def sample_grid(spec: SyntheticSpec, per_class: int) -> Image.Image:
@@ -71,7 +59,7 @@ def main() -> int:
     parser.add_argument("--speed-images", type=int, default=400, help="images rendered to time the generator")
     args = parser.parse_args()
     try:
-        spec = spec_from_overrides(args.set)
+        spec = SyntheticSpec.from_options(parse_options(args.set))
     except LCRError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

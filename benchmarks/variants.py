@@ -22,15 +22,15 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-import yaml
 from torchvision import transforms as T
 from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from components.converters import parse_options  # noqa: E402
 from lcr_core.augment import IMAGENET_MEAN, IMAGENET_STD, eval_transform, two_crop_transform  # noqa: E402
 from lcr_core.coarse_init import pretrain_coarse  # noqa: E402
-from lcr_core.config import LCRConfig, load_config  # noqa: E402
+from lcr_core.config import LCRConfig, config_from_dict  # noqa: E402
 from lcr_core.errors import LCRError  # noqa: E402
 from lcr_core.losses import normalize_attention  # noqa: E402
 from lcr_core.metrics import chance_levels, retrieval_metrics  # noqa: E402
@@ -65,8 +65,7 @@ BENCH_CONFIG = {
 
 def run_config(variant: str, seed: int, overrides: dict, weights: str | None) -> LCRConfig:
     values = BENCH_CONFIG | overrides | {"variant": variant, "seed": seed, "backbone_weights": weights}
-    return load_config(None, [f"{key}={yaml.safe_dump(value, default_flow_style=True).strip()}"
-                              for key, value in values.items() if value is not None])
+    return config_from_dict(values, "benchmark settings")
 
 
 def pretrain(cfg: LCRConfig, spec: SyntheticSpec, desc: str) -> torch.nn.Module:
@@ -162,16 +161,6 @@ def tested_pooling(variant: str) -> str:
     return "gap" if variant == "init only" else LCRConfig(variant=variant).test_pooling
 
 
-def parse_overrides(texts: list[str], fields: set[str], what: str) -> dict:
-    values = {}
-    for text in texts:
-        key, _, value = text.partition("=")
-        if key not in fields or not value:
-            raise LCRError(f"{what} {text!r}: expected field=value with a known field")
-        values[key] = yaml.safe_load(value)
-    return values
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
@@ -184,12 +173,11 @@ def main() -> int:
     parser.add_argument("--workdir", type=Path, default=Path("benchmark_runs"))
     args = parser.parse_args()
     try:
-        overrides = parse_overrides(args.set, {f.name for f in dataclasses.fields(LCRConfig)}, "--set")
+        overrides = parse_options(args.set)
         if args.epochs:
             overrides["epochs"] = args.epochs
-        spec_values = parse_overrides(args.spec, {f.name for f in dataclasses.fields(SyntheticSpec)}, "--spec")
         image_size = overrides.get("image_size", BENCH_CONFIG["image_size"])
-        spec = SyntheticSpec(**({"image_size": image_size} | spec_values))
+        spec = SyntheticSpec.from_options({"image_size": image_size} | parse_options(args.spec))
         weights = None
         if args.init == "coarse":
             weights = coarse_weights(spec, overrides.get("backbone", BENCH_CONFIG["backbone"]), image_size,

@@ -19,7 +19,7 @@ import json
 import random
 import re
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -434,12 +434,7 @@ def synthetic(root: Path | None, options: dict[str, Any]) -> Source:
     """`lcr_core.synthetic`'s generator; options are `SyntheticSpec` fields (root is not used)."""
     from lcr_core import synthetic as gen
 
-    known = {f.name for f in fields(gen.SyntheticSpec)}
-    unknown = set(options) - known
-    if unknown:
-        raise LCRError(f"source 'synthetic' option {min(unknown)!r}: expected SyntheticSpec fields "
-                       f"({', '.join(sorted(known))})")
-    spec = gen.SyntheticSpec(**options)
+    spec = gen.SyntheticSpec.from_options(options)
 
     def samples(split: str) -> Iterator[Sample]:
         for s in gen.generate(spec, split):

@@ -99,6 +99,15 @@ def encode_sample(sample: Sample, jpg: bytes) -> dict[str, bytes | str]:
     }
 
 
+def shard_name(split: str, index: int) -> str:
+    return f"{split}-{index:06d}.tar"
+
+
+def is_shard_name(split: str, name: str) -> bool:
+    """Whether `name` is one that `shard_name(split, ...)` gives."""
+    return re.fullmatch(rf"{re.escape(split)}-\d{{6}}\.tar", name) is not None
+
+
 class _ShardSequence:
     """Writes samples into staged shards of at most `maxcount` samples / `maxsize` bytes and publishes
     each one to `split_uri` as soon as it is closed."""
@@ -116,7 +125,7 @@ class _ShardSequence:
         if self.writer is not None and (self.count >= self.maxcount or self.size >= self.maxsize):
             self.close_shard()
         if self.writer is None:
-            self.path = self.staging / f"{self.split}-{len(self.entries):06d}.tar"
+            self.path = self.staging / shard_name(self.split, len(self.entries))
             self.writer = TarWriter(str(self.path), encoder=False, mtime=TAR_MTIME)
             self.count = self.size = 0
         self.size += self.writer.write(sample)
@@ -194,16 +203,14 @@ def write_split(source: Source, split: str, split_uri: str, maxcount: int = DEFA
     return SplitBuild(split_uri, manifest, shards.written, shards.reused)
 
 
-def remove_stale_shards(split: str, split_uri: str, manifest: Manifest) -> list[str]:
+def remove_stale_shards(split: str, split_uri: str, manifest: Manifest) -> None:
     """Delete the shards of an earlier, larger build that the new manifest no longer names. Only
     after the manifest is written (an interruption leaves extra files, never missing ones), and only
-    names of the `<split>-NNNNNN.tar` pattern: nothing else in the folder is touched."""
+    shard names: nothing else in the folder is touched."""
     named = {entry.name for entry in manifest.shards}
-    pattern = re.compile(rf"{re.escape(split)}-\d{{6}}\.tar")
-    stale = [name for name in storage.list_files(split_uri) if pattern.fullmatch(name) and name not in named]
-    for name in stale:
-        storage.delete(storage.join(split_uri, name))
-    return stale
+    for name in storage.list_files(split_uri):
+        if is_shard_name(split, name) and name not in named:
+            storage.delete(storage.join(split_uri, name))
 
 
 def build_shards(source: str | Source, out: str, root: str | Path | None = None, *,

@@ -100,6 +100,16 @@ class SyntheticSpec:
     object_scale: tuple[float, float] = (0.58, 0.62)  # body length as a fraction of the image side
     max_tilt: float = 30.0  # degrees the object may pitch up or down; it also faces left or right
 
+    @classmethod
+    def from_options(cls, options: dict[str, Any]) -> SyntheticSpec:
+        """A spec from field: value pairs (a command line's, a manifest's), naming any unknown field."""
+        known = {f.name for f in fields(cls)}
+        unknown = set(options) - known
+        if unknown:
+            raise LCRError(f"synthetic spec option {min(unknown)!r}: expected SyntheticSpec fields "
+                           f"({', '.join(sorted(known))})")
+        return cls(**options)
+
     def __post_init__(self) -> None:
         if isinstance(self.object_scale, list):  # YAML and JSON give lists
             object.__setattr__(self, "object_scale", tuple(self.object_scale))

@@ -167,7 +167,7 @@ def _shuffle_worker(rank: int, world: int, port: int, results):
 
 
 def test_shuffle_bn_across_two_gloo_processes_restores_order():
-    from tests.conftest import free_port
+    from tests.services import free_port
 
     manager = mp.Manager()
     results = manager.dict()

@@ -29,7 +29,8 @@ from components.pretrain import pretrain
 from components.shards import build_shards
 from lcr_core.config import load_config
 from lcr_core.model import build_model
-from tests.conftest import VENV_BIN, free_port, wait_http
+from tests.conftest import VENV_BIN
+from tests.services import free_port, wait_http
 
 pytestmark = pytest.mark.slow
 
