@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/synthetic_samples.py --out synthetic_samples.png
     .venv/bin/python benchmarks/synthetic_samples.py --set part_size=0.06 --set clutter_density=2
+    .venv/bin/python benchmarks/synthetic_samples.py --set family=beetle --out beetle_samples.png
 
 Each row is one class (its name on the left); the columns are training images of that class. The
 last row renders one training image as every class in turn: only the part regions change.
@@ -42,11 +43,11 @@ def sample_grid(spec: SyntheticSpec, per_class: int) -> Image.Image:
     return grid
 
 
-def images_per_second(spec: SyntheticSpec, count: int) -> float:
+def images_per_second(spec: SyntheticSpec, count: int, with_mask: bool = False) -> float:
     count = min(count, spec.split_size("train"))
     start = time.perf_counter()
     for index in range(count):
-        render(spec, "train", index)
+        render(spec, "train", index, with_mask=with_mask)
     return count / (time.perf_counter() - start)
 
 
@@ -66,7 +67,8 @@ def main() -> int:
     sample_grid(spec, args.per_class).save(args.out)
     print(f"wrote {args.out} ({spec.num_classes} classes x {args.per_class} samples, {spec.image_size} px)")
     print(f"rendering: {images_per_second(spec, args.speed_images):.0f} images/s on one core at "
-          f"{spec.image_size} px")
+          f"{spec.image_size} px ({spec.family}); with the object mask: "
+          f"{images_per_second(spec, args.speed_images, with_mask=True):.0f} images/s")
     return 0
 
 

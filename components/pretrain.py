@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import sys
 import tempfile
 import time
 import urllib.parse
@@ -53,10 +54,11 @@ from components.checkpoint import (
     training_state,
     unwrap,
 )
-from lcr_core.config import LCRConfig, config_from_dict, load_config
+from lcr_core.backbones import IMAGENET
+from lcr_core.config import LCRConfig, config_from_dict, config_yaml, load_config, warn_queue_exceeds_dataset
 from lcr_core.errors import LCRError
 from lcr_core.model import build_model
-from lcr_core.train import build_optimizer, build_scheduler, train_step
+from lcr_core.train import TrainingHealth, build_optimizer, build_scheduler, train_step
 
 # Variables the workers need to reach S3 and MLflow's artefact store, passed on from the driver.
 FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
@@ -87,10 +89,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="a YAML file or the name of a shipped config (lcr_core/configs)")
     parser.add_argument("overrides", nargs="*", metavar="FIELD=VALUE",
                         help="config overrides, e.g. epochs=2 num_workers=2 storage_path=s3://bucket/runs")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved, validated config as YAML and exit (Ray is not started)")
 
 
 def run(args: argparse.Namespace) -> int:
-    result = pretrain(load_config(args.config, args.overrides))
+    cfg = load_config(args.config, args.overrides)
+    if args.print_config:
+        print(config_yaml(cfg), end="")
+        return 0
+    result = pretrain(cfg)
     print(f"run {result.run_name}: MLflow run {result.mlflow_run_id}")
     print(f"checkpoint: {result.checkpoint_uri}")
     print(f"model: {result.model_uri}")
@@ -141,7 +149,7 @@ def pretrain(cfg: LCRConfig) -> PretrainResult:
 def with_absolute_paths(cfg: LCRConfig) -> LCRConfig:
     """Workers may run in another directory: local paths are made absolute (URIs stay as they are)."""
     def absolute(path: str | None) -> str | None:
-        return path if path is None or "://" in path else str(Path(path).resolve())
+        return path if path in (None, IMAGENET) or "://" in path else str(Path(path).resolve())
 
     return replace(cfg, shards=absolute(cfg.shards), storage_path=absolute(cfg.storage_path),
                    backbone_weights=absolute(cfg.backbone_weights))
@@ -226,6 +234,7 @@ class Worker:
     steps_per_epoch: int
     logger: tracking.MetricLogger | None  # rank 0 only
     checkpoint_root: str
+    health: TrainingHealth
 
     @property
     def on_gpu(self) -> bool:
@@ -257,12 +266,15 @@ def build_worker(cfg: LCRConfig, rank: int, world_size: int, loop_config: dict[s
         model = model.to(memory_format=torch.channels_last)
     model = ray.train.torch.prepare_model(model)
     optimizer = build_optimizer(model, cfg)  # lr already scaled to the global batch (cfg.scaled_lr)
-    steps = len(data.train_loader(cfg, 0, rank, world_size))
+    loader = data.train_loader(cfg, 0, rank, world_size)
     logger = None
     if rank == 0:
         logger = tracking.MetricLogger(loop_config["tracking_uri"], loop_config["mlflow_run_id"])
+        if not cfg.is_byol:
+            warn_queue_exceeds_dataset(cfg, loader.manifest.total)
+    steps = len(loader)
     return Worker(cfg, rank, world_size, device, model, optimizer, build_scheduler(optimizer, cfg, steps),
-                  steps, logger, storage.join(cfg.storage_path, cfg.run_name))
+                  steps, logger, storage.join(cfg.storage_path, cfg.run_name), TrainingHealth(cfg.embed_dim))
 
 
 def seed_everything(seed: int) -> None:
@@ -315,10 +327,12 @@ def train_epoch(worker: Worker, epoch: int, progress: Progress, bar) -> Progress
     started = last_step_end = time.perf_counter()
     global_step = progress.global_step
     metrics: dict[str, float] = {}
+    sums: dict[str, float] = {}
     for step_in_epoch, (im_q, im_k) in enumerate(loader, start=first):
         views = (to_device(im_q, worker), to_device(im_k, worker))
         metrics = train_step(worker.model, views, worker.optimizer, worker.scheduler,
                              autocast_dtype=torch.bfloat16 if worker.on_gpu else None)
+        sums = {name: sums.get(name, 0.0) + value for name, value in metrics.items()}
         global_step += 1
         # Wall time from the previous step's end: the data wait counts too (global images/s).
         step_end = time.perf_counter()
@@ -338,10 +352,26 @@ def train_epoch(worker: Worker, epoch: int, progress: Progress, bar) -> Progress
         every = cfg.checkpoint_every_steps
         if every and global_step % every == 0 and step_in_epoch + 1 < worker.steps_per_epoch:
             save(worker, Progress(epoch, step_in_epoch + 1, global_step), metrics)
+    if worker.logger and sums:
+        steps_done = worker.steps_per_epoch - first
+        epoch_means = {name: total / steps_done for name, total in sums.items()}
+        epoch_means["images_per_s"] = steps_done * cfg.batch_size / (last_step_end - started)
+        check_health(worker, epoch_means, global_step)
     progress = Progress(epoch + 1, 0, global_step)
     final = epoch + 1 == worker.last_epoch
     save(worker, progress, metrics | {"epoch_data_skipped": loader.skipped}, final=final)
     return progress
+
+
+def check_health(worker: Worker, epoch_means: dict[str, float], global_step: int) -> None:
+    """Rank 0: the epoch's means and the queue's effective rank to MLflow (`epoch/…`), and a warning,
+    once each, on the terminal and as an `lcr.warning.<kind>` tag when the training looks unhealthy."""
+    rank = unwrap(worker.model).embedding_effective_rank()
+    logged = epoch_means | ({} if rank is None else {"embedding_effective_rank": rank})
+    worker.logger.log({f"epoch/{name}": value for name, value in logged.items()}, step=global_step)
+    for kind, message in worker.health.end_epoch(epoch_means, rank).items():
+        print(f"warning: {worker.cfg.run_name}: {message}", file=sys.stderr, flush=True)
+        worker.logger.set_tag(f"lcr.warning.{kind}", message)
 
 
 def to_device(images: torch.Tensor, worker: Worker) -> torch.Tensor:

@@ -7,6 +7,8 @@ command line. Every step (`lcr demo`, `lcr pretrain`, `lcr retrieve`, ...) reads
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -30,10 +32,25 @@ VARIANTS = (
     "byol",
     "byol-lcr",
 )
-BACKBONES = ("resnet50", "resnet18", "tiny")
+BACKBONES = ("resnet50", "resnet18", "efficientnet_lite0", "tiny")
 PROJECTORS = ("bn3", "mocov2")
 GRADCAM_SOURCES = ("positive_logit", "log_prob", "loss")
-INITS = ("random", "file")
+# Leading stages `freeze_stages` may freeze (see lcr_core/backbones.py).
+BACKBONE_STAGES = {"resnet50": 5, "resnet18": 5, "efficientnet_lite0": 9, "tiny": 4}
+GRADCAM_NORMALIZATIONS = ("minmax", "max", "none")
+KL_REDUCTIONS = ("mean", "sum")
+FITTING_PRESETS = ("paper", "released-code")
+# The authors tuned nu = 0.01 with `kl_div(..., reduction='sum')` at 32 images per GPU (batch 128 on
+# 4 GPUs): per image that is 0.01 * 32 times the weight of a batch-mean KL. Our default keeps that
+# strength under a per-image mean, so that it does not change with the per-worker batch.
+AUTHORS_NU = 0.01
+AUTHORS_IMAGES_PER_GPU = 32
+# What the authors' released code trains on (DESIGN §1), applied beneath the user's own values.
+PRESET_FIELDS: dict[str, dict[str, Any]] = {
+    "paper": {},
+    "released-code": {"gradcam_source": "loss", "gradcam_normalize": "none", "gfb_bn_relu": True,
+                      "kl_reduction": "sum", "kl_weight": AUTHORS_NU},
+}
 
 
 class ConfigError(LCRError):
@@ -45,7 +62,9 @@ class LCRConfig:
     # --- method (DESIGN §1) ---
     variant: str = "lcr"
     backbone: str = "resnet50"
-    backbone_weights: str | None = None  # local path or s3:// URI; None = random init
+    backbone_weights: str | None = None  # local path, s3:// URI, or `imagenet` (packaged); None = random init
+    allow_random_init: bool = True  # the paper configs set false: they mean an ImageNet start
+    freeze_stages: int = 0  # leading backbone stages kept frozen (weights and BN statistics)
     embed_dim: int = 256
     projector: str = "bn3"  # bn3: 3-layer BN head (paper §4.1); mocov2: Linear-ReLU-Linear, no BN
     projector_hidden: int = 2048
@@ -56,9 +75,13 @@ class LCRConfig:
     gfb_bn_relu: bool = False  # BN+ReLU between the 1x1 conv and the max-out (authors' code)
     gfb_mlp_hidden: int = 32  # hidden width of the `lcr-mlp` branch (§4.6)
     kl_temperature: float = 0.4  # tau in eq. 5
-    kl_weight: float = 0.01  # nu in eq. 7
+    kl_weight: float = AUTHORS_NU * AUTHORS_IMAGES_PER_GPU  # nu in eq. 7, for kl_reduction: mean
+    kl_reduction: str = "mean"  # mean: per-image mean of eq. 6; sum: the authors' sum over the batch
     cl_weight: float = 1.0  # lambda in eq. 7
-    gradcam_source: str = "positive_logit"
+    gradcam_source: str = "positive_logit"  # positive_logit = q.k, as algorithm A1 differentiates
+    gradcam_normalize: str = "minmax"  # per image, before the softmax of eq. 5 (DESIGN §1, "Scale")
+    fitting_preset: str = "paper"  # released-code: the authors' code's fitting signal (DESIGN §1)
+    gfb_lr_scale: float = 1.0  # the GradCAM fitting branch's learning rate, relative to the rest
     bn_splits: int = 1  # single process: split-batch BN groups for the key encoder (1 = plain BN)
 
     # --- images ---
@@ -140,6 +163,9 @@ class LCRConfig:
             ("backbone", BACKBONES),
             ("projector", PROJECTORS),
             ("gradcam_source", GRADCAM_SOURCES),
+            ("gradcam_normalize", GRADCAM_NORMALIZATIONS),
+            ("kl_reduction", KL_REDUCTIONS),
+            ("fitting_preset", FITTING_PRESETS),
         ):
             if getattr(self, name) not in choices:
                 bad(name, "one of " + ", ".join(choices))
@@ -148,13 +174,23 @@ class LCRConfig:
                      "collective_timeout_s"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 bad(name, "an integer >= 1")
-        for name in ("temperature", "kl_temperature", "lr", "cpus_per_worker"):
-            if not getattr(self, name) > 0:
-                bad(name, "a number > 0")
+        for name in ("temperature", "kl_temperature", "lr", "cpus_per_worker", "gfb_lr_scale"):
+            if not getattr(self, name) > 0 or not math.isfinite(getattr(self, name)):
+                bad(name, "a finite number > 0")
         for name in ("kl_weight", "cl_weight", "weight_decay", "sgd_momentum", "warmup_epochs",
-                     "checkpoint_every_steps", "max_failures", "loader_workers"):
-            if not getattr(self, name) >= 0:
-                bad(name, "a number >= 0")
+                     "checkpoint_every_steps", "max_failures", "loader_workers", "freeze_stages"):
+            if not getattr(self, name) >= 0 or not math.isfinite(getattr(self, name)):
+                bad(name, "a finite number >= 0")
+        if self.freeze_stages >= (stages := BACKBONE_STAGES[self.backbone]):
+            bad("freeze_stages", f"at most {stages - 1}: {self.backbone} has {stages} stages and GradCAM "
+                                 "needs a trainable last one")
+        if self.backbone_weights == "imagenet" and self.backbone != "efficientnet_lite0":
+            bad("backbone_weights", "a path or s3:// URI: packaged ImageNet weights exist only for "
+                                    "efficientnet_lite0")
+        if self.backbone_weights is None and not self.allow_random_init:
+            bad("backbone_weights", "initial weights (a path, an s3:// URI, or 'imagenet' for "
+                                    "efficientnet_lite0); this config starts from ImageNet like the paper "
+                                    "(set allow_random_init: true to start from random weights)")
         if not 0.0 <= self.momentum < 1.0:
             bad("momentum", "a number in [0, 1)")
         if self.eval_resize < self.image_size:
@@ -175,25 +211,48 @@ class LCRConfig:
         return dataclasses.asdict(self)
 
 
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+def parse_value(text: str) -> Any:
+    """A command-line value as users write it: numbers as numbers (`1e-4` too, which YAML 1.1 reads
+    as a string), then YAML for the rest (`true`, `null`, `[a, b]`, strings)."""
+    text = text.strip()
+    if _NUMBER.fullmatch(text):
+        number = float(text)
+        return int(text) if re.fullmatch(r"[-+]?\d+", text) else number
+    return yaml.safe_load(text) if text else None
+
+
 def _parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise ConfigError(f"override {text!r}: expected field=value")
     key, value = text.split("=", 1)
-    return key.strip(), yaml.safe_load(value) if value.strip() else None
+    try:
+        return key.strip(), parse_value(value)
+    except yaml.YAMLError:
+        raise ConfigError(f"override {text!r}: the value is not valid YAML") from None
 
 
-def config_from_dict(values: dict[str, Any], source: str = "config") -> LCRConfig:
+def config_from_dict(values: dict[str, Any], source: str = "config",
+                     origins: dict[str, str] | None = None) -> LCRConfig:
+    """A validated LCRConfig; `origins` names where a field's value came from (an override) when
+    that is not `source`, so that an error points at what the user typed."""
+    origins = origins or {}
     known = {f.name for f in fields(LCRConfig)}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise ConfigError(f"{source}: unknown field '{unknown[0]}' (known fields: see lcr_core/config.py)")
-    cfg = LCRConfig(**values)
+        where = origins.get(unknown[0], source)
+        raise ConfigError(f"{where}: unknown field '{unknown[0]}' (known fields: see lcr_core/config.py)")
+    preset = values.get("fitting_preset", "paper")
+    cfg = LCRConfig(**(PRESET_FIELDS.get(preset, {}) | values))
     for f in fields(LCRConfig):  # YAML gives ints for floats ("lr: 1"); reject strings for numbers
         value = getattr(cfg, f.name)
+        where = origins.get(f.name, source)
         if f.type in ("float", "int") and (isinstance(value, bool) or not isinstance(value, (int, float))):
-            raise ConfigError(f"{source}: field '{f.name}' = {value!r}: expected a number")
+            raise ConfigError(f"{where}: field '{f.name}' = {value!r}: expected a number")
         if f.type == "bool" and not isinstance(value, bool):
-            raise ConfigError(f"{source}: field '{f.name}' = {value!r}: expected true or false")
+            raise ConfigError(f"{where}: field '{f.name}' = {value!r}: expected true or false")
     return cfg.validate()
 
 
@@ -222,10 +281,16 @@ def load_config(name_or_path: str | Path | None = None, overrides: list[str] | N
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a mapping of field: value")
         values.update(loaded)
+    origins = {}
     for text in overrides or []:
         key, value = _parse_override(text)
-        values[key] = value
-    return config_from_dict(values, source)
+        values[key], origins[key] = value, f"override {text!r}"
+    return config_from_dict(values, source, origins)
+
+
+def config_yaml(cfg: LCRConfig) -> str:
+    """The resolved configuration as YAML that `load_config` reads back to the same object."""
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
 
 
 def warn_queue_exceeds_dataset(cfg: LCRConfig, dataset_size: int) -> None:

@@ -8,6 +8,7 @@ the key encoder and the queue. `LCRModel.embed` is the inference embedding (eq. 
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -56,15 +57,38 @@ def build_projector(kind: str, in_dim: int, hidden: int, out_dim: int) -> nn.Seq
             nn.Linear(hidden, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
             nn.Linear(hidden, out_dim, bias=False), nn.BatchNorm1d(out_dim, affine=False),
         )
-    return nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, out_dim))
+    if kind == "mocov2":
+        return nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, out_dim))
+    raise ValueError(f"projector {kind!r}: expected bn3 or mocov2")
+
+
+def with_constant_batch_statistics(head: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    """`head(x)` with the same values, but every train-mode BatchNorm normalises with this batch's
+    statistics held constant, so that each output row is a function of its own input row alone.
+
+    Eq. 3 is a per-image gradient. Through the batch statistics of a train-mode BN each image's score
+    depends on every other image's features, which changed GradCAM by 21-80 % at batch 64-8."""
+    for layer in head:
+        if isinstance(layer, nn.modules.batchnorm._BatchNorm) and layer.training:
+            dims = [0, *range(2, x.dim())]
+            mean = x.mean(dim=dims).detach()
+            var = x.var(dim=dims, unbiased=False).detach()
+            x = F.batch_norm(x, mean, var, layer.weight, layer.bias, False, 0.0, layer.eps)
+        else:
+            x = layer(x)
+    return x
+
+
+def as_is(head: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return head(x)
 
 
 class SplitBatchNorm(nn.BatchNorm2d):
     """BN whose training statistics come from `num_splits` groups of the batch, as if on that many
     devices: together with shuffled keys it keeps one process from leaking batch information."""
 
-    def __init__(self, num_features: int, num_splits: int):
-        super().__init__(num_features)
+    def __init__(self, num_features: int, num_splits: int, eps: float = 1e-5, momentum: float | None = 0.1):
+        super().__init__(num_features, eps=eps, momentum=momentum)
         self.num_splits = num_splits
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -84,12 +108,21 @@ class SplitBatchNorm(nn.BatchNorm2d):
 def use_split_batchnorm(module: nn.Module, num_splits: int) -> nn.Module:
     for name, child in module.named_children():
         if type(child) is nn.BatchNorm2d:
-            split = SplitBatchNorm(child.num_features, num_splits)
+            split = SplitBatchNorm(child.num_features, num_splits, child.eps, child.momentum)
             split.load_state_dict(child.state_dict())
+            split.requires_grad_(child.weight.requires_grad)  # a frozen stage stays frozen
             setattr(module, name, split)
         else:
             use_split_batchnorm(child, num_splits)
     return module
+
+
+@dataclass
+class EncoderOutput:
+    feature_map: torch.Tensor  # phi(I), N x C x H x W
+    attention: torch.Tensor | None  # the branch's map A (eq. 4), N x H x W, or None without a branch
+    pooled: torch.Tensor  # N x C (C*K bilinear)
+    projection: torch.Tensor  # z, N x embed_dim
 
 
 class Encoder(nn.Module):
@@ -97,13 +130,14 @@ class Encoder(nn.Module):
 
     def __init__(self, cfg: LCRConfig):
         super().__init__()
-        self.backbone = build_backbone(cfg.backbone, cfg.backbone_weights)
+        self.backbone = build_backbone(cfg.backbone, cfg.backbone_weights, cfg.freeze_stages)
         channels = self.backbone.out_channels
         self.gfb: nn.Module | None = None
         if cfg.variant == "lcr-mlp":
             self.gfb = MLPFittingBranch(channels, cfg.gfb_mlp_hidden)
-        elif cfg.uses_gfb:
-            self.gfb = GradCAMFittingBranch(channels, cfg.gfb_projections, cfg.gfb_bn_relu)
+        elif cfg.uses_gfb:  # the authors' bilinear pooling takes BN+ReLU'd part maps
+            bn_relu = cfg.gfb_bn_relu or cfg.train_pooling == "bilinear"
+            self.gfb = GradCAMFittingBranch(channels, cfg.gfb_projections, bn_relu)
         pooled = channels * cfg.gfb_projections if cfg.train_pooling == "bilinear" else channels
         self.projector = build_projector(cfg.projector, pooled, cfg.projector_hidden, cfg.embed_dim)
         if cfg.bn_splits > 1:
@@ -120,11 +154,11 @@ class Encoder(nn.Module):
             return losses.bilinear_pool(feature_map, self.gfb.projection_maps(feature_map))
         raise ValueError(f"pooling {pooling!r}: expected gap, attention or bilinear")
 
-    def forward(self, images: torch.Tensor, pooling: str):
-        """Returns the feature map phi, the branch's map A (or None) and the projection z."""
+    def forward(self, images: torch.Tensor, pooling: str) -> EncoderOutput:
         feature_map = self.backbone(images)
         attention = self.gfb(feature_map) if self.gfb is not None else None
-        return feature_map, attention, self.projector(self.pool(feature_map, attention, pooling))
+        pooled = self.pool(feature_map, attention, pooling)
+        return EncoderOutput(feature_map, attention, pooled, self.projector(pooled))
 
 
 class LCRModel(nn.Module):
@@ -161,51 +195,89 @@ class LCRModel(nn.Module):
     def _keys(self, images: torch.Tensor) -> torch.Tensor:
         """Key projections computed on a batch shuffled across ranks (shuffle-BN), then unshuffled."""
         shuffled, inverse = distributed.batch_shuffle(images)
-        _, _, k = self.encoder_k(shuffled, self.cfg.train_pooling)
+        k = self.encoder_k(shuffled, self.cfg.train_pooling).projection
         return distributed.batch_unshuffle(F.normalize(k, dim=1), inverse)
 
     # --- the objective -------------------------------------------------------------------------
-    def _gradcam_score(self, per_sample_objective: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
+    def _per_sample_objective(self, projection: torch.Tensor, target: torch.Tensor, queue: torch.Tensor | None,
+                              head=as_is) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss, positive score) of each image: InfoNCE (eq. 1) and q.k, or BYOL's regression loss and
+        cos(p, z'). `head` runs BYOL's predictor (as it is, or with constant batch statistics)."""
+        if self.cfg.is_byol:
+            loss = losses.byol_loss(head(self.predictor, projection), target)
+            return loss, 1 - loss / 2
+        q = F.normalize(projection, dim=1)
+        logits = losses.info_nce_logits(q, target, queue, self.cfg.temperature)
+        return losses.info_nce(logits), (q * target).sum(dim=1)  # A1 differentiates q.k, not q.k / t
+
+    def _gradcam_score(self, loss: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
         """The score S whose GradCAM is fitted (DESIGN §1): the positive logit, log p(positive), or the loss."""
         source = self.cfg.gradcam_source
         if source == "positive_logit":
             return positive
-        return per_sample_objective if source == "loss" else -per_sample_objective
+        if source == "log_prob":
+            return -loss
+        if source == "loss":
+            return loss
+        raise ValueError(f"gradcam_source {source!r}: expected positive_logit, log_prob or loss")
 
-    def _fitting_loss(self, feature_map, attention, per_sample_objective, positive) -> torch.Tensor:
-        if not self.cfg.fits_gradcam:
-            return feature_map.new_zeros(())
-        gradcam = losses.contrastive_gradcam(feature_map, self._gradcam_score(per_sample_objective, positive))
-        return losses.gradcam_fitting_loss(gradcam, attention, self.cfg.kl_temperature)
+    def _contrastive_gradcam(self, out: EncoderOutput, target: torch.Tensor, queue: torch.Tensor | None,
+                             loss: torch.Tensor) -> torch.Tensor:
+        """Eq. 3 per image, through the projector with its batch statistics held constant. The
+        released-code preset takes it of the batch-mean loss, through the coupled BN, as that code does."""
+        if self.cfg.fitting_preset == "released-code":
+            return losses.contrastive_gradcam(out.feature_map, loss.mean())
+        projection = with_constant_batch_statistics(self.encoder_q.projector, out.pooled)
+        per_image = self._per_sample_objective(projection, target, queue, head=with_constant_batch_statistics)
+        return losses.contrastive_gradcam(out.feature_map, self._gradcam_score(*per_image))
 
-    def _moco_losses(self, im_q: torch.Tensor, k: torch.Tensor):
-        feature_map, attention, q = self.encoder_q(im_q, self.cfg.train_pooling)
-        logits = losses.info_nce_logits(F.normalize(q, dim=1), k, self.queue.clone().detach(), self.cfg.temperature)
-        per_sample = losses.info_nce(logits)
-        loss_kl = self._fitting_loss(feature_map, attention, per_sample, logits[:, 0])
-        return per_sample.mean(), loss_kl
+    def _fitting_terms(self, out: EncoderOutput, target: torch.Tensor, queue: torch.Tensor | None,
+                       loss: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The fitting loss (eq. 5-6) and how the fit stands: the target's and A's distance from a
+        flat map, and the KL left relative to what a flat A would score (1 = no fit at all)."""
+        cfg = self.cfg
+        gradcam = self._contrastive_gradcam(out, target, queue, loss)
+        if cfg.fitting_preset == "released-code":
+            log_g, log_a = losses.released_code_distributions(gradcam, out.attention)
+        else:
+            log_g = losses.grid_log_softmax(losses.normalize_gradcam(gradcam, cfg.gradcam_normalize),
+                                            cfg.kl_temperature)
+            log_a = losses.grid_log_softmax(out.attention, cfg.kl_temperature)
+        kl = losses.kl_per_image(log_g, log_a)
+        with torch.no_grad():
+            target_spread = losses.kl_from_uniform(log_g).mean()
+            diagnostics = {"gradcam_kl_uniform": target_spread,
+                           "attention_kl_uniform": losses.kl_from_uniform(log_a).mean(),
+                           "kl_fit_ratio": kl.mean() / target_spread.clamp_min(1e-12)}
+        return {"loss_kl": losses.reduce_over_batch(kl, cfg.kl_reduction), **diagnostics}
 
-    def _byol_losses(self, im_online: torch.Tensor, target: torch.Tensor):
-        feature_map, attention, z = self.encoder_q(im_online, self.cfg.train_pooling)
-        prediction = self.predictor(z)
-        per_sample = losses.byol_loss(prediction, target)
-        cosine = 1 - per_sample / 2
-        return per_sample.mean(), self._fitting_loss(feature_map, attention, per_sample, cosine)
+    def _terms(self, images: torch.Tensor, target: torch.Tensor, queue: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        out = self.encoder_q(images, self.cfg.train_pooling)
+        loss, _ = self._per_sample_objective(out.projection, target, queue)
+        terms = {"loss_cl": loss.mean()}
+        if self.cfg.fits_gradcam:
+            return terms | self._fitting_terms(out, target, queue, loss)
+        return terms | {"loss_kl": loss.new_zeros(())}
 
     def forward(self, im_q: torch.Tensor, im_k: torch.Tensor) -> dict[str, torch.Tensor]:
         with torch.no_grad():
             self._momentum_update_key_encoder()
             k = self._keys(im_k)
         if self.cfg.is_byol:  # symmetric: each view predicts the other's target projection
-            k_of_q = self._keys(im_q)
-            cl_a, kl_a = self._byol_losses(im_q, k)
-            cl_b, kl_b = self._byol_losses(im_k, k_of_q)
-            loss_cl, loss_kl = cl_a + cl_b, (kl_a + kl_b) / 2
+            first, second = self._terms(im_q, k, None), self._terms(im_k, self._keys(im_q), None)
+            terms = {name: (first[name] + second[name]) / 2 for name in first}
+            terms["loss_cl"] = first["loss_cl"] + second["loss_cl"]
         else:
-            loss_cl, loss_kl = self._moco_losses(im_q, k)
+            terms = self._terms(im_q, k, self.queue.clone().detach())
             self._dequeue_and_enqueue(k)
-        loss = self.cfg.cl_weight * loss_cl + self.cfg.kl_weight * loss_kl  # eq. 7
-        return {"loss": loss, "loss_cl": loss_cl.detach(), "loss_kl": loss_kl.detach()}
+        loss = self.cfg.cl_weight * terms["loss_cl"] + self.cfg.kl_weight * terms["loss_kl"]  # eq. 7
+        return {"loss": loss} | {name: value.detach() for name, value in terms.items()}
+
+    @torch.no_grad()
+    def embedding_effective_rank(self) -> float | None:
+        """The queue's effective rank (keys of the last Q images): a collapse shows as a small one.
+        None for BYOL, which keeps no queue."""
+        return None if self.cfg.is_byol else losses.effective_rank(self.queue.T)
 
     # --- inference -----------------------------------------------------------------------------
     def attention_map(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -225,19 +297,14 @@ class LCRModel(nn.Module):
         return self.embeddings(images, [pooling])[pooling]
 
     def gradcam(self, im_q: torch.Tensor, im_k: torch.Tensor) -> torch.Tensor:
-        """The contrastive GradCAM G of eq. 3 for a pair of views, without moving the key encoder or
-        the queue (for reports). Uses the configured `gradcam_source`."""
+        """The contrastive GradCAM G of eq. 3 for a pair of views, as training computes it, without
+        moving the key encoder or the queue (for reports and diagnostics)."""
         with torch.enable_grad():
-            feature_map, _, z = self.encoder_q(im_q, self.cfg.train_pooling)
+            out = self.encoder_q(im_q, self.cfg.train_pooling)
             k = self._keys(im_k)
-            if self.cfg.is_byol:
-                per_sample = losses.byol_loss(self.predictor(z), k)
-                positive = 1 - per_sample / 2
-            else:
-                logits = losses.info_nce_logits(F.normalize(z, dim=1), k, self.queue, self.cfg.temperature)
-                per_sample = losses.info_nce(logits)
-                positive = logits[:, 0]
-            return losses.contrastive_gradcam(feature_map, self._gradcam_score(per_sample, positive))
+            queue = None if self.cfg.is_byol else self.queue
+            loss, _ = self._per_sample_objective(out.projection, k, queue)
+            return self._contrastive_gradcam(out, k, queue, loss)
 
 
 def build_model(cfg: LCRConfig) -> LCRModel:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -13,8 +14,15 @@ from lcr_core.config import LCRConfig
 
 
 def build_optimizer(model: nn.Module, cfg: LCRConfig) -> torch.optim.SGD:
-    params = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.SGD(params, lr=cfg.scaled_lr, momentum=cfg.sgd_momentum, weight_decay=cfg.weight_decay)
+    """SGD over the trainable parameters; the GradCAM fitting branch at `gfb_lr_scale` times the lr."""
+    branch, rest = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (branch if ".gfb." in f".{name}" else rest).append(param)
+    groups = [{"params": rest}]
+    if branch:
+        groups.append({"params": branch, "lr": cfg.scaled_lr * cfg.gfb_lr_scale})
+    return torch.optim.SGD(groups, lr=cfg.scaled_lr, momentum=cfg.sgd_momentum, weight_decay=cfg.weight_decay)
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
@@ -41,7 +49,7 @@ def train_step(model: nn.Module, images: tuple[torch.Tensor, torch.Tensor], opti
     out["loss"].backward()
     optimizer.step()
     scheduler.step()
-    return {"loss": out["loss"].item(), "loss_cl": out["loss_cl"].item(), "loss_kl": out["loss_kl"].item(), "lr": lr}
+    return {name: value.item() for name, value in out.items()} | {"lr": lr}
 
 
 @torch.no_grad()
@@ -62,3 +70,37 @@ def extract_embeddings(model, batches: Iterable, poolings: Iterable[str], device
             chunks[pooling].append(embedding.float().cpu())
         labels.append(torch.as_tensor(batch[1]))
     return {p: torch.cat(c) for p, c in chunks.items()}, torch.cat(labels)
+
+
+@dataclass
+class TrainingHealth:
+    """Watches the signs that LCR's signal or the contrastive learning went wrong (DESIGN §1) and
+    warns once for each: a flat GradCAM target for a whole epoch, a contrastive loss that climbs back
+    above its first epoch's, an embedding that collapses (a queue of small effective rank)."""
+
+    embed_dim: int
+    flat_target_kl: float = 0.01
+    min_rank_share: float = 0.1
+    first_epoch_loss: float | None = None
+    warned: set[str] = field(default_factory=set)
+
+    def end_epoch(self, epoch_means: dict[str, float], effective_rank: float | None) -> dict[str, str]:
+        """{kind: message} of the warnings this epoch raises for the first time."""
+        found = {}
+        target = epoch_means.get("gradcam_kl_uniform")
+        if target is not None and target < self.flat_target_kl:
+            found["flat_target"] = (f"the GradCAM target is flat (KL from uniform {target:.4f} < "
+                                    f"{self.flat_target_kl} over an epoch): the fitting branch learns nothing; "
+                                    "check gradcam_normalize (minmax) and kl_temperature")
+        loss = epoch_means.get("loss_cl")
+        if self.first_epoch_loss is None:
+            self.first_epoch_loss = loss
+        elif loss is not None and loss > self.first_epoch_loss:
+            found["loss_rising"] = (f"the contrastive loss rose to {loss:.3f}, above its first epoch's "
+                                    f"{self.first_epoch_loss:.3f}: lower lr, raise momentum, or shrink the queue")
+        if effective_rank is not None and effective_rank < self.min_rank_share * self.embed_dim:
+            found["collapse"] = (f"the embedding collapses: effective rank {effective_rank:.1f} of "
+                                 f"{self.embed_dim} dimensions (< {self.min_rank_share:.0%})")
+        new = {kind: message for kind, message in found.items() if kind not in self.warned}
+        self.warned.update(new)
+        return new

@@ -27,15 +27,39 @@ def images(n: int = 4, size: int = 32, seed: int = 0) -> torch.Tensor:
     return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
 
 
+def batch_statistics(projector, pooled):
+    """Mean and (biased) variance of the input of every BatchNorm in `projector`, for this batch."""
+    stats, x = [], pooled
+    for layer in projector:
+        if isinstance(layer, torch.nn.BatchNorm1d):
+            stats.append((x.mean(dim=0).detach(), x.var(dim=0, unbiased=False).detach()))
+        x = layer(x)
+    return stats
+
+
+def project_with(projector, x, stats):
+    """The projector in train mode, but every BN normalising with the given constant statistics."""
+    stats = iter(stats)
+    for layer in projector:
+        if isinstance(layer, torch.nn.BatchNorm1d):
+            mean, var = next(stats)
+            x = F.batch_norm(x, mean, var, layer.weight, layer.bias, False, 0.0, layer.eps)
+        else:
+            x = layer(x)
+    return x
+
+
 def brute_force_gradcam(model, im_q, k, source: str) -> torch.Tensor:
-    """Eq. 3 by central finite differences of the summed score, in float64, one phi entry at a time."""
+    """Eq. 3 per image by central finite differences, in float64, one phi entry at a time; the
+    projector's batch statistics are those of the unperturbed batch, held constant (DESIGN §1)."""
     enc = model.encoder_q
     phi = enc.backbone(im_q).detach()
+    stats = batch_statistics(enc.projector, phi.mean(dim=(2, 3)))
 
     def total_score(feature_map):
-        q = F.normalize(enc.projector(feature_map.mean(dim=(2, 3))), dim=1)
-        positive = (q * k).sum(dim=1) / model.cfg.temperature
-        logits = torch.cat([positive[:, None], q @ model.queue / model.cfg.temperature], dim=1)
+        q = F.normalize(project_with(enc.projector, feature_map.mean(dim=(2, 3)), stats), dim=1)
+        positive = (q * k).sum(dim=1)  # algorithm A1: q.k, without 1/t
+        logits = torch.cat([positive[:, None], q @ model.queue], dim=1) / model.cfg.temperature
         log_p = logits[:, 0] - torch.logsumexp(logits, dim=1)
         return {"positive_logit": positive, "log_prob": log_p, "loss": -log_p}[source].sum()
 
@@ -186,6 +210,13 @@ def test_every_variant_trains_a_step(variant):
     out["loss"].backward()
     assert torch.isfinite(out["loss"])
     assert (out["loss_kl"] > 0) == model.cfg.fits_gradcam
+    # One step leaves the BN running statistics near their init, where the bilinear variants' BN+ReLU
+    # part maps can be all zero in eval mode: make them those of the images embedded below.
+    for layer in model.encoder_q.modules():
+        if isinstance(layer, torch.nn.modules.batchnorm._BatchNorm):
+            layer.momentum = None
+            layer.reset_running_stats()
+    model.encoder_q(images(), model.cfg.train_pooling)
     model.eval()
     with torch.no_grad():
         embedding = model.embed(images())

@@ -14,37 +14,68 @@ from lcr_core.coarse_init import pretrain_coarse
 from lcr_core.errors import LCRError
 from lcr_core.synthetic import (
     COARSE_CLASSES,
+    FAMILIES,
+    PART_EXTENT,
     PART_SLOTS,
     SyntheticDataset,
     SyntheticSpec,
     class_names,
     class_parts,
     generate,
+    max_classes,
     render,
 )
 
 SMALL = SyntheticSpec(num_classes=5, train_per_class=4, test_per_class=2, image_size=48, seed=3)
+# the slot nearest the head and the one nearest the rear end, per family
+FRONT_AND_BACK = {"bird": ("eye", "tail"), "beetle": ("horn", "tip")}
 
 
 def pixels(sample) -> np.ndarray:
     return np.asarray(sample.image, dtype=np.int16)
 
 
-def test_same_seed_split_and_index_give_identical_bytes():
+def test_families_are_known_and_bird_is_the_default():
+    assert set(FAMILIES) == set(FRONT_AND_BACK) == {"bird", "beetle"}
+    assert SyntheticSpec().family == "bird" and FAMILIES["bird"].slots is PART_SLOTS
+    bird = dataclasses.replace(SMALL, family="bird")
+    for split, index in (("train", 0), ("test", 3)):
+        implicit, explicit = render(SMALL, split, index), render(bird, split, index)
+        assert implicit.image.tobytes() == explicit.image.tobytes() and implicit.meta == explicit.meta
+    beetle = dataclasses.replace(SMALL, family="beetle")
+    assert render(beetle, "train", 0).image.tobytes() != render(SMALL, "train", 0).image.tobytes()
+    assert set(render(beetle, "train", 0).meta["part_boxes"]) == set(FAMILIES["beetle"].slots)
+
+
+def test_spec_round_trips_through_a_dict_with_its_family():
+    for family in FAMILIES:
+        spec = dataclasses.replace(SMALL, family=family, object_scale=(0.5, 0.6))
+        options = spec.to_dict()
+        assert options["family"] == family
+        assert SyntheticSpec.from_options(options) == spec
+    assert SyntheticSpec.from_options({"num_classes": 3}).family == "bird"  # manifests written before families
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_same_seed_split_and_index_give_identical_bytes(family):
+    spec = dataclasses.replace(SMALL, family=family)
     for split, index in (("train", 0), ("train", 7), ("test", 3)):
-        first, second = render(SMALL, split, index), render(SMALL, split, index)
-        assert first.image.tobytes() == second.image.tobytes()
+        first, second = render(spec, split, index), render(spec, split, index, with_mask=True)
+        assert first.image.tobytes() == second.image.tobytes()  # drawing the mask changes nothing else
         assert (first.key, first.label, first.meta) == (second.key, second.label, second.meta)
+        assert np.array_equal(second.mask, render(spec, split, index, with_mask=True).mask)
 
 
-def test_sample_depends_only_on_seed_split_and_index():
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_sample_depends_only_on_seed_split_and_index(family):
+    spec = dataclasses.replace(SMALL, family=family)
     # a bigger data set with the same seed renders the same image for the same index
-    bigger = dataclasses.replace(SMALL, train_per_class=40, num_classes=5)
-    assert render(SMALL, "train", 6).image.tobytes() == render(bigger, "train", 6).image.tobytes()
-    base = render(SMALL, "train", 1).image.tobytes()
-    assert render(SMALL, "train", 2).image.tobytes() != base
-    assert render(SMALL, "test", 1).image.tobytes() != base
-    assert render(dataclasses.replace(SMALL, seed=4), "train", 1).image.tobytes() != base
+    bigger = dataclasses.replace(spec, train_per_class=40, num_classes=5)
+    assert render(spec, "train", 6).image.tobytes() == render(bigger, "train", 6).image.tobytes()
+    base = render(spec, "train", 1).image.tobytes()
+    assert render(spec, "train", 2).image.tobytes() != base
+    assert render(spec, "test", 1).image.tobytes() != base
+    assert render(dataclasses.replace(spec, seed=4), "train", 1).image.tobytes() != base
 
 
 def test_split_sizes_labels_and_keys():
@@ -64,22 +95,43 @@ def test_split_sizes_labels_and_keys():
             assert 0 <= sample.meta["coarse_label"] < COARSE_CLASSES
 
 
-def test_class_names_are_distinct_part_combinations():
-    spec = SyntheticSpec(num_classes=20, num_differing_parts=3)
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_class_names_are_distinct_part_combinations(family):
+    slots = FAMILIES[family].slots
+    spec = SyntheticSpec(num_classes=20, num_differing_parts=3, family=family)
     names = class_names(spec)
     assert len(names) == len(set(names)) == 20
-    differing = list(PART_SLOTS)[:3]
+    differing = list(slots)[:3]
+    assert all(name.startswith(f"{differing[0]}-") for name in names)
     combos = {tuple(parts[slot] for slot in differing) for parts in class_parts(spec)}
     assert len(combos) == 20
     for parts in class_parts(spec):  # slots beyond the differing ones are the same for every class
-        assert all(parts[slot] == PART_SLOTS[slot]["variants"][0] for slot in list(PART_SLOTS)[3:])
+        assert set(parts) == set(slots)
+        assert all(parts[slot] == slots[slot]["variants"][0] for slot in list(slots)[3:])
+    # both families offer as many classes for each number of differing parts
+    assert [max_classes(n, family) for n in range(1, 6)] == [max_classes(n) for n in range(1, 6)]
 
 
-@pytest.mark.parametrize("index", [0, 5, 11])
-def test_classes_differ_only_inside_the_part_regions(index):
+@pytest.mark.parametrize("family", [
+    pytest.param("bird", marks=pytest.mark.xfail(strict=True, reason=(
+        "known: the bird's crest 'fork' and breast 'bars' reach 1.35 and 1.31 part sizes from their anchors; "
+        "fixing either changes the bird's images"))),
+    "beetle",
+])
+def test_part_variants_stay_within_the_part_extent(family):
+    kind = FAMILIES[family]
+    for slot, table in kind.slots.items():
+        for variant in table["variants"]:
+            for shape, _colour in kind.part_shapes(slot, variant, 1.0):
+                assert np.linalg.norm(shape, axis=1).max() <= PART_EXTENT, (slot, variant)
+
+
+@pytest.mark.parametrize("family, index", [("bird", 0), ("bird", 5), ("bird", 11),
+                                           ("beetle", 0), ("beetle", 5), ("beetle", 11)])
+def test_classes_differ_only_inside_the_part_regions(family, index):
     spec = SyntheticSpec(num_classes=12, num_differing_parts=3, image_size=64, seed=1, part_size=0.1,
-                         object_scale=(0.5, 0.7))
-    differing = list(PART_SLOTS)[: spec.num_differing_parts]
+                         object_scale=(0.5, 0.7), family=family)
+    differing = list(FAMILIES[family].slots)[: spec.num_differing_parts]
     reference = render(spec, "train", index, label=0)
     allowed = np.zeros((64, 64), dtype=bool)
     for slot in differing:
@@ -99,8 +151,10 @@ def test_classes_differ_only_inside_the_part_regions(index):
         assert not (changed & ~inside_object).any()
 
 
-def test_object_box_and_orientation_metadata():
-    spec = SyntheticSpec(num_classes=4, train_per_class=30, image_size=64, seed=2)
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_object_box_and_orientation_metadata(family):
+    spec = SyntheticSpec(num_classes=4, train_per_class=30, image_size=64, seed=2, family=family)
+    front, back = FRONT_AND_BACK[family]
     buckets = set()
     for sample in generate(spec, "train"):
         meta = sample.meta
@@ -110,14 +164,50 @@ def test_object_box_and_orientation_metadata():
         crop = (73 - 64) / 2 * 64 / 73
         assert x0 >= crop - 1 and y0 >= crop - 1 and x1 <= 64 - crop + 1 and y1 <= 64 - crop + 1
         heading = math.radians(meta["heading_degrees"])
-        beak = np.array(meta["part_boxes"]["eye"][:2]) + np.array(meta["part_boxes"]["eye"][2:])
-        tail = np.array(meta["part_boxes"]["tail"][:2]) + np.array(meta["part_boxes"]["tail"][2:])
-        direction = (beak - tail) / np.linalg.norm(beak - tail)  # tail -> head, from the box centres
+        head = np.array(meta["part_boxes"][front][:2]) + np.array(meta["part_boxes"][front][2:])
+        tail = np.array(meta["part_boxes"][back][:2]) + np.array(meta["part_boxes"][back][2:])
+        direction = (head - tail) / np.linalg.norm(head - tail)  # tail -> head, from the box centres
         assert direction @ (math.cos(heading), math.sin(heading)) > 0.9
         facing_left = meta["facing"] == "left"
         assert (meta["coarse_label"] >= 3) == facing_left
         buckets.add(meta["coarse_label"])
     assert buckets == set(range(COARSE_CLASSES))
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_object_mask_covers_the_object(family):
+    spec = SyntheticSpec(num_classes=12, train_per_class=2, image_size=64, seed=5, family=family)
+    assert render(spec, "train", 0).mask is None  # drawn only when asked for
+    shares = []
+    for index in range(spec.split_size("train")):
+        sample = render(spec, "train", index, with_mask=True)
+        mask = sample.mask
+        assert mask.dtype == bool and mask.shape == (64, 64)
+        assert "mask" not in sample.meta
+        x0, y0, x1, y1 = sample.meta["bbox"]
+        inside = np.zeros_like(mask)
+        inside[y0:y1, x0:x1] = True
+        assert mask.any() and not (mask & ~inside).any()
+        assert 0.15 < mask.sum() / inside.sum() < 0.6  # the object fills a fair part of its box, not all
+        shares.append(mask.mean())
+        # the mask is on the object: at the default contrast its pixels differ from the mean colour of
+        # the box's unmasked pixels (background) far more than those pixels do (measured: 2.6x at least)
+        image = pixels(sample).astype(float)
+        ring = inside & ~mask
+        background = image[ring].mean(axis=0)
+        assert np.abs(image[mask] - background).mean() > 1.5 * np.abs(image[ring] - background).mean()
+    assert 0.05 < np.mean(shares) < 0.15  # about a tenth of the image at the default object scale
+    # larger images give the same object share
+    big = render(dataclasses.replace(spec, image_size=192), "train", 3, with_mask=True)
+    assert abs(big.mask.mean() - shares[3]) < 0.02
+
+
+def test_families_have_comparable_object_shares():
+    shares = {}
+    for family in FAMILIES:
+        spec = SyntheticSpec(num_classes=12, train_per_class=2, family=family)
+        shares[family] = np.mean([render(spec, "train", i, with_mask=True).mask.mean() for i in range(24)])
+    assert abs(shares["beetle"] - shares["bird"]) < 0.15 * shares["bird"], shares
 
 
 def test_dataset_feeds_a_torch_dataloader():
@@ -128,6 +218,8 @@ def test_dataset_feeds_a_torch_dataloader():
     assert images.shape == (4, 3, 48, 48) and labels.tolist() == [0, 1, 2, 3]
     coarse = SyntheticDataset(SMALL, "test", target=lambda s: s.meta["coarse_label"])
     assert coarse[1][1] == render(SMALL, "test", 1).meta["coarse_label"]
+    beetles = SyntheticDataset(dataclasses.replace(SMALL, family="beetle"), "test", T.ToTensor())
+    assert len(beetles) == len(dataset) and beetles[2][0].shape == (3, 48, 48) and beetles[2][1] == 2
 
 
 @pytest.mark.parametrize("field, value, expected", [
@@ -145,6 +237,8 @@ def test_dataset_feeds_a_torch_dataloader():
     ("max_tilt", 90.0, "[0, 60]"),
     ("part_size", "big", "a number"),
     ("object_scale", 0.5, "a pair"),
+    ("family", "fish", "one of bird, beetle"),
+    ("family", 3, "one of bird, beetle"),
 ])
 def test_spec_validation_names_field_and_expectation(field, value, expected):
     values = {"num_differing_parts": 2, "num_classes": 12} | {field: value}
