@@ -37,7 +37,7 @@ def ensure_shards(cfg: LCRConfig, spec: SyntheticSpec) -> None:
     """Write the synthetic set as shards unless shards of this very spec are already there."""
     try:
         manifests = [read_manifest(storage.join(cfg.shards, split)) for split in ("train", "test")]
-        reusable = all(m.dataset == "synthetic" and m.options == spec.to_dict() for m in manifests)
+        reusable = all(m.dataset == "synthetic" and SyntheticSpec.from_options(m.options) == spec for m in manifests)
     except LCRError:  # missing, interrupted or foreign shards: build them afresh
         reusable = False
     if reusable:

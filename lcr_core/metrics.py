@@ -29,6 +29,9 @@ import torch
 
 from lcr_core.errors import LCRError
 
+# Scores are rounded to this many decimals before ranking: a matrix product's last bits depend on the
+# block's shape, and would otherwise turn near-ties into a block_size-dependent rank order.
+SCORE_DECIMALS = 6
 DEFAULT_BLOCK_BYTES = 1 << 30  # working memory of one block: scores + int64 positions, 12-16 bytes per entry
 
 
@@ -132,7 +135,7 @@ def retrieval_per_query(embeddings, labels, block_size: int | None = None,
         within_class = torch.minimum(slot[None, :], (sizes - 1)[:, None])  # pad by repeating the last member
         member_cols = order[class_start[class_of_item[rows]][:, None] + within_class]
         num_relevant = sizes - 1
-        ranks = _block_ranks(x[rows] @ x.T, rows, member_cols, num_relevant)
+        ranks = _block_ranks((x[rows] @ x.T).round_(decimals=SCORE_DECIMALS), rows, member_cols, num_relevant)
         k = torch.arange(1, ranks.shape[1] + 1, device=x.device, dtype=torch.float64)
         valid = k[None, :] <= num_relevant[:, None]
         precision_at_hits = torch.where(valid, k[None, :] / ranks.to(torch.float64), 0.0)
@@ -186,7 +189,7 @@ def reference_per_query(embeddings, labels, query_indices=None) -> PerQuery:
     first_rank = np.zeros(n, dtype=np.int64)
     for query in range(n) if query_indices is None else query_indices:
         others = np.arange(n) != query
-        scores = (x @ x[query])[others]
+        scores = np.round((x @ x[query])[others], SCORE_DECIMALS)
         relevant = y[others] == y[query]
         if not relevant.any():
             continue

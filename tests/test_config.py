@@ -134,3 +134,18 @@ def test_bad_files(tmp_path):
     with pytest.raises(ConfigError, match="field=value"):
         load_config("demo", ["kl_weight"])
     assert sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")) == ["aircraft", "cars", "cub", "demo", "inat2019"]
+
+
+def test_print_config_prints_the_resolved_config_and_starts_nothing(capsys):
+    import ray
+    import yaml
+
+    from components.cli import main
+
+    overrides = ["weight_decay=1e-4", "fitting_preset=released-code"]
+    assert main(["pretrain", "--config", "demo", "--print-config", *overrides]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert (printed["weight_decay"], printed["gradcam_source"], printed["kl_reduction"]) == (1e-4, "loss", "sum")
+    assert not ray.is_initialized()
+    assert main(["pretrain", "--config", "demo", "--print-config", "epochs=many"]) == 2
+    assert "override 'epochs=many'" in capsys.readouterr().err

@@ -115,6 +115,18 @@ def test_block_size_does_not_change_the_result(make):
         np.testing.assert_allclose(other.average_precision, results[0].average_precision, atol=1e-12, rtol=0)
 
 
+def test_scores_equal_to_1e_6_are_ties_counted_against_the_query():
+    """Scores are rounded before ranking, so that the last bits of a matrix product (which depend on
+    the block's shape) cannot order near-ties differently from one block_size to the next."""
+    angle = 0.5
+    below = np.arccos(np.cos(angle) - 1e-9)  # an other-class item scoring 1e-9 below the relevant one
+    x = np.array([[1.0, 0.0], [np.cos(angle), np.sin(angle)], [np.cos(below), -np.sin(below)]])
+    labels = np.array([0, 0, 1])
+    for size in (1, 3):
+        assert retrieval_per_query(x, labels, block_size=size).first_rank[0] == 2
+    assert reference_per_query(x, labels).first_rank[0] == 2
+
+
 def test_summary_counts_and_fractions():
     rng = np.random.default_rng(11)
     labels = random_labels(rng, 60, num_classes=4, singletons=5)
