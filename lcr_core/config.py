@@ -82,6 +82,9 @@ class LCRConfig:
     gradcam_normalize: str = "minmax"  # per image, before the softmax of eq. 5 (DESIGN §1, "Scale")
     fitting_preset: str = "paper"  # released-code: the authors' code's fitting signal (DESIGN §1)
     gfb_lr_scale: float = 1.0  # the GradCAM fitting branch's learning rate, relative to the rest
+    # True: the fitting loss trains the branch only, no KL gradient reaches the trunk (not the paper's
+    # multi-task setting; a diagnostic of whether the branch can fit a target the trunk does not chase)
+    gfb_stop_gradient: bool = False
     bn_splits: int = 1  # single process: split-batch BN groups for the key encoder (1 = plain BN)
 
     # --- images ---

@@ -138,6 +138,7 @@ class Encoder(nn.Module):
         elif cfg.uses_gfb:  # the authors' bilinear pooling takes BN+ReLU'd part maps
             bn_relu = cfg.gfb_bn_relu or cfg.train_pooling == "bilinear"
             self.gfb = GradCAMFittingBranch(channels, cfg.gfb_projections, bn_relu)
+        self.stop_gradient = cfg.gfb_stop_gradient
         pooled = channels * cfg.gfb_projections if cfg.train_pooling == "bilinear" else channels
         self.projector = build_projector(cfg.projector, pooled, cfg.projector_hidden, cfg.embed_dim)
         if cfg.bn_splits > 1:
@@ -156,7 +157,9 @@ class Encoder(nn.Module):
 
     def forward(self, images: torch.Tensor, pooling: str) -> EncoderOutput:
         feature_map = self.backbone(images)
-        attention = self.gfb(feature_map) if self.gfb is not None else None
+        attention = None
+        if self.gfb is not None:
+            attention = self.gfb(feature_map.detach() if self.stop_gradient else feature_map)
         pooled = self.pool(feature_map, attention, pooling)
         return EncoderOutput(feature_map, attention, pooled, self.projector(pooled))
 

@@ -261,3 +261,10 @@ def test_effective_rank_of_spread_and_collapsed_rows():
     collapsed = torch.ones(32, 16) + 1e-6 * torch.randn(32, 16)
     assert losses.effective_rank(collapsed) < 1.1
     assert math.isfinite(losses.effective_rank(torch.zeros(4, 4)))
+
+
+def test_stop_gradient_keeps_the_fitting_loss_out_of_the_trunk():
+    model = build_model(tiny_config(cl_weight=0.0, kl_weight=1.0, gfb_stop_gradient=True))
+    model(images(), images(seed=5))["loss"].backward()
+    assert model.encoder_q.gfb.projections.weight.grad.abs().sum() > 0
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in model.encoder_q.backbone.parameters())
