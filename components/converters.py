@@ -16,10 +16,11 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import random
 import re
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,8 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".
 AIRCRAFT_BANNER = 20  # px of copyright banner at the bottom of every FGVC-Aircraft image
 AIRCRAFT_LEVELS = ("variant", "family", "manufacturer")
 AIRCRAFT_CLASS_FILES = {"variant": "variants.txt", "family": "families.txt", "manufacturer": "manufacturers.txt"}
+
+log = logging.getLogger("lcr.converters")
 
 
 class DatasetLayoutError(LCRError):
@@ -57,6 +60,7 @@ class Source:
     splits: dict[str, Callable[[], Iterator[Sample]]]
     sizes: dict[str, int]  # samples per split, for progress bars
     options: dict[str, Any] = field(default_factory=dict)  # what was selected (level, super-category, spec)
+    root: str | None = None  # the absolute folder it was read from (None: generated)
 
 
 @dataclass
@@ -98,6 +102,17 @@ def _numbered(path: Path, dataset: str) -> dict[int, list[str]]:
 
 def _unchanged(data: bytes) -> bytes:
     return data
+
+
+def open_image(data: bytes) -> Image.Image | None:
+    """The fully decoded image, or None: `Image.open` reads only the header, so a truncated or garbage
+    file passes it; only `load()` decodes every pixel."""
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        return None
+    return image
 
 
 def _file_samples(records: list[_Record], dataset: str,
@@ -317,10 +332,8 @@ def _aircraft_labels(path: Path, name: str) -> dict[str, str]:
 
 
 def _without_banner(data: bytes) -> bytes | Image.Image:
-    try:
-        image = Image.open(io.BytesIO(data))
-        image.load()
-    except (OSError, SyntaxError, ValueError):
+    image = open_image(data)
+    if image is None:
         return data  # undecodable: passed on as is, for the shard writer to skip and count
     width, height = image.size
     return image.crop((0, 0, width, height - AIRCRAFT_BANNER)) if height > AIRCRAFT_BANNER else image
@@ -387,7 +400,9 @@ def _inat_table(path: Path, name: str) -> dict[str, list]:
 
 def imagefolder(root: Path, options: dict[str, Any]) -> Source:
     """`root/<class>/**/<image>`, or `root/<split>/<class>/...` when root holds train/ (and test/ or
-    val/, written as the test split). Classes are the sorted folder names, shared by all splits."""
+    val/, written as the test split). Classes are the sorted folder names, shared by all splits. A
+    folder without images in any split is left out with a warning: as a class it would have no sample,
+    yet count in the class list (chance levels, probe outputs)."""
     _no_options("imagefolder", options)
     name = "ImageFolder"
     if not root.is_dir():
@@ -399,32 +414,40 @@ def imagefolder(root: Path, options: dict[str, Any]) -> Source:
             split_dirs["test"] = test_dir
     else:
         split_dirs = {"train": root}
-    class_names = sorted({d.name for folder in split_dirs.values() for d in folder.iterdir() if d.is_dir()})
-    if not class_names:
+    images = {split: _class_images(folder) for split, folder in split_dirs.items()}
+    folders = sorted({class_name for found in images.values() for class_name in found})
+    if not folders:
         raise DatasetLayoutError(f"{name} root: {root} has no class folders; expected root/<class>/<image>")
-    records = {}
-    for split, folder in split_dirs.items():
-        records[split] = []
-        seen: dict[str, Path] = {}
-        for label, class_name in enumerate(class_names):
-            class_dir = folder / class_name
-            if not class_dir.is_dir():
-                continue
-            for path in sorted(class_dir.rglob("*")):
-                if path.suffix.lower() not in IMAGE_EXTENSIONS or not path.is_file():
-                    continue
-                relative = path.relative_to(folder)
-                key = safe_key(str(relative.with_suffix("")).replace("/", "-"))
-                if key in seen:
-                    raise DatasetLayoutError(f"{name} root: {path} and {seen[key]} map to the same key "
-                                             f"{key!r}; expected file names that differ in more than "
-                                             "punctuation or extension")
-                seen[key] = path
-                records[split].append(_Record(key, path, label, {"file": str(relative)}))
-        if not records[split]:
-            raise DatasetLayoutError(f"{name} root: {folder} has no images with extensions "
-                                     f"{' '.join(IMAGE_EXTENSIONS)}")
+    class_names = [c for c in folders if any(found.get(c) for found in images.values())]
+    for empty in sorted(set(folders) - set(class_names)):
+        log.warning("%s root: class folder %s has no images; left out of the classes", name,
+                    " and ".join(str(folder / empty) for folder in split_dirs.values() if (folder / empty).is_dir()))
+    records = {split: _imagefolder_records(folder, images[split], class_names, name)
+               for split, folder in split_dirs.items()}
     return _file_source(name, class_names, records)
+
+
+def _class_images(folder: Path) -> dict[str, list[Path]]:
+    """{class folder name: its image files, sorted, at any depth}."""
+    return {d.name: sorted(p for p in d.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+            for d in folder.iterdir() if d.is_dir()}
+
+
+def _imagefolder_records(folder: Path, images: dict[str, list[Path]], class_names: list[str],
+                         name: str) -> list[_Record]:
+    records, seen = [], {}
+    for label, class_name in enumerate(class_names):
+        for path in images.get(class_name, []):
+            relative = path.relative_to(folder)
+            key = safe_key(str(relative.with_suffix("")).replace("/", "-"))
+            if key in seen:
+                raise DatasetLayoutError(f"{name} root: {path} and {seen[key]} map to the same key {key!r}; "
+                                         "expected file names that differ in more than punctuation or extension")
+            seen[key] = path
+            records.append(_Record(key, path, label, {"file": str(relative)}))
+    if not records:
+        raise DatasetLayoutError(f"{name} root: {folder} has no images with extensions {' '.join(IMAGE_EXTENSIONS)}")
+    return records
 
 
 # ---------------------------------------------------------------------------------------------
@@ -474,4 +497,5 @@ def open_source(name: str, root: str | Path | None, options: dict[str, Any] | No
             raise LCRError(f"source {name!r} needs --root: the folder holding the data set")
         if not Path(root).is_dir():
             raise DatasetLayoutError(f"{name} root: {root} is not a folder; expected the data set's root")
-    return CONVERTERS[name](Path(root) if root is not None else None, dict(options or {}))
+        return replace(CONVERTERS[name](Path(root), dict(options or {})), root=str(Path(root).resolve()))
+    return CONVERTERS[name](None, dict(options or {}))

@@ -20,7 +20,9 @@ from pathlib import Path
 import torch
 
 from components import storage
+from components.data import read_manifest
 from components.features import (
+    EvaluationError,
     EvaluationSetup,
     Features,
     add_common_arguments,
@@ -32,6 +34,7 @@ from components.features import (
 from lcr_core.probe import check_fraction, stratified_subset, topk_accuracy, train_linear_probe
 
 KS = (1, 5)
+SPLITS = ("train", "test")
 DEFAULT_FRACTIONS = (1.0, 0.5, 0.2)
 
 
@@ -74,13 +77,24 @@ def probe_fraction(features: ProbeFeatures, fraction: float, seed: int = 0) -> F
                           [features.train.keys[i] for i in subset], accuracy)
 
 
+def check_same_classes(shards: str) -> None:
+    """A probe trained on one class list and tested on another reports accuracies that mean nothing
+    (label i names different classes): refused before any embedding."""
+    train, test = (read_manifest(storage.join(shards, split)).class_names for split in SPLITS)
+    if train != test:
+        raise EvaluationError(f"{shards}: the train and test splits have different class lists ({len(train)} "
+                              f"and {len(test)} classes); expected one list for both (build both splits "
+                              "from one source)")
+
+
 def probe_features(setup: EvaluationSetup) -> dict[str, ProbeFeatures]:
     """{pooling: ProbeFeatures}: the encoder's only work, done once for all fractions."""
+    check_same_classes(setup.shards)
     model_hash = model_fingerprint(setup.model)
     by_split = {split: split_features(setup.model, storage.join(setup.shards, split), setup.poolings,
                                       batch_size=setup.batch_size, workers=setup.workers,
                                       cache_dir=setup.cache_dir, model_hash=model_hash)
-                for split in ("train", "test")}
+                for split in SPLITS}
     return {p: ProbeFeatures(by_split["train"][p], by_split["test"][p]) for p in setup.poolings}
 
 

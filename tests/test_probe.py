@@ -6,8 +6,14 @@ import numpy as np
 import pytest
 import torch
 
+from components.features import EvaluationError, EvaluationSetup
+from components.probe import probe_features
+from components.shards import build_shards
+from lcr_core.config import LCRConfig
 from lcr_core.errors import LCRError
+from lcr_core.model import build_model
 from lcr_core.probe import per_class_count, stratified_subset, topk_accuracy, train_linear_probe
+from tests.shard_samples import colour_source
 
 
 def teacher_data(rng, n, dim, num_classes, teacher):
@@ -94,3 +100,18 @@ def test_topk_accuracy_against_brute_force():
 def test_labels_outside_the_classes_are_a_one_line_error():
     with pytest.raises(LCRError, match=r"labels span 0\.\.4: expected 0\.\.2"):
         train_linear_probe(np.zeros((5, 3), dtype=np.float32), np.arange(5), num_classes=3)
+
+
+def test_train_and_test_splits_with_different_class_lists_are_refused_before_embedding(tmp_path):
+    shards, elsewhere, cache = tmp_path / "shards", tmp_path / "elsewhere", tmp_path / "cache"
+    build_shards(colour_source({"train": 6}, num_classes=3), str(shards), progress=False)
+    build_shards(colour_source({"test": 4}, num_classes=4), str(elsewhere), progress=False)
+    (elsewhere / "test").rename(shards / "test")  # e.g. copied in by hand, or built before builds checked
+    cfg = LCRConfig(backbone="tiny", image_size=16, eval_resize=16, batch_size=4, queue_size=8, embed_dim=16,
+                    projector_hidden=32, num_projections=4, shards=str(shards), loader_workers=0).validate()
+    setup = EvaluationSetup(build_model(cfg).eval(), str(shards), ["gap"], batch_size=4, workers=0,
+                            cache_dir=str(cache))
+    with pytest.raises(EvaluationError, match=r"different class lists \(3 and 4 classes\)") as err:
+        probe_features(setup)
+    assert "\n" not in str(err.value)
+    assert not cache.exists()  # refused before the encoder ran

@@ -308,7 +308,7 @@ def test_inat2019_all_and_one_supercategory(inat_root, tmp_path):
     out = tmp_path / "out"
     build_shards("inat2019", str(out), inat_root, options={"supercategory": "Birds"}, progress=False)
     assert read_back(out, "test") == {s.key: s.label for s in test}
-    assert read_manifest(str(out / "train")).options == {"supercategory": "Birds"}
+    assert read_manifest(str(out / "train")).options == {"supercategory": "Birds", "root": str(inat_root.resolve())}
 
 
 def test_inat2019_bad_supercategory_and_layout(inat_root):
