@@ -17,7 +17,7 @@ def test_demo_runs_end_to_end_and_prints_the_metrics(tmp_path):
            "RAY_USAGE_STATS_ENABLED": "0"}
     proc = subprocess.run(
         [str(LCR), "demo", "--classes", "4", "--train-per-class", "16", "--test-per-class", "4",
-         "epochs=2", "warmup_epochs=0", "batch_size=16", "queue_size=32", "image_size=32", "eval_resize=36",
+         "epochs=2", "warmup_epochs=0", "batch_size=16", "queue_size=32", "image_size=64", "eval_resize=73",
          "projector_hidden=64", "embed_dim=32"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
