@@ -1,6 +1,6 @@
 """Does LCR's attention find the object, and does it pay? The method benchmark of issue 9.
 
-    .venv/bin/python benchmarks/method.py                                  # report family, 3 seeds (~1 h)
+    .venv/bin/python benchmarks/method.py                                  # report family, 3 seeds (~25 min)
     .venv/bin/python benchmarks/method.py --family bird --seeds 0 --runs moco lcr   # the tuning family
     .venv/bin/python benchmarks/method.py --set epochs=10 --out results.json
 
@@ -54,7 +54,7 @@ BENCH_CONFIG = {
     "freeze_stages": 7,  # stem + the first six block groups: the last group and the head train
     "image_size": 224,  # a 7 x 7 map, as ResNet-50 at 224 px
     "eval_resize": 256,
-    "epochs": 30,
+    "epochs": 12,  # as the demo
     "batch_size": 32,
     "lr": 0.12,  # 0.03 at batch 32
     "lr_base_batch": 128,
@@ -310,7 +310,7 @@ def main() -> int:
     parser.add_argument("--family", default="beetle", help="synthetic object family to report on")
     parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--views", type=int, default=10, help="cached aug-plus views per training image")
+    parser.add_argument("--views", type=int, default=6, help="cached aug-plus views per training image")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="LCRConfig field")
     parser.add_argument("--spec", action="append", default=[], metavar="FIELD=VALUE", help="SyntheticSpec field")
     parser.add_argument("--out", type=Path, default=Path("benchmark_runs/method"))

@@ -19,6 +19,7 @@ STEPS = {
     "retrieve": ("components.retrieve", "leave-one-out retrieval on the test split"),
     "probe": ("components.probe", "linear probes at several label fractions"),
     "report": ("components.report", "attention and retrieval figures of test images, as an HTML page"),
+    "register": ("components.register", "register the encoder in MLflow; champion only if it beats the champion"),
 }
 
 

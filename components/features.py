@@ -26,13 +26,15 @@ import torch
 
 from components import storage, tracking
 from components.data import Manifest, eval_loader, read_manifest
+from lcr_core.config import load_config
 from lcr_core.errors import LCRError
-from lcr_core.model import LCRModel
+from lcr_core.model import LCRModel, build_model
 from lcr_core.train import extract_embeddings
 
 CACHE_FORMAT = 1  # bump when the file layout or the embedding computation changes
 DEFAULT_CACHE_DIR = ".lcr-cache/features"
 POOLINGS = ("attention", "gap", "bilinear")
+INIT_PREFIX = "init:"  # `init:CONFIG?FIELD=VALUE&...`: the untrained network, a baseline
 
 
 class EvaluationError(LCRError):
@@ -55,13 +57,34 @@ class Features:
 # The encoder
 
 def load_model(ref: str) -> LCRModel:
-    """The trained model in eval mode from a checkpoint (file, folder, s3://) or an MLflow model URI."""
+    """The model in eval mode: trained, from a checkpoint (file, folder, run folder; local or s3://) or
+    an MLflow model URI, or untrained (`init:CONFIG`)."""
+    if ref.startswith(INIT_PREFIX):
+        return initial_model(ref)
     try:
         model = tracking.load_encoder(ref)
     except RuntimeError as err:  # load_state_dict: the weights belong to another architecture
         detail = next((line.strip() for line in str(err).splitlines()[1:] if line.strip()), str(err))
         raise EvaluationError(f"model {ref}: its weights do not fit the architecture its config names "
                               f"({detail[:160]}); expected a checkpoint written by `lcr pretrain`") from None
+    return model.eval()
+
+
+def initial_model(ref: str) -> LCRModel:
+    """`init:CONFIG?FIELD=VALUE&FIELD=VALUE`: the network a run of that config starts from, with no
+    training, to measure what the training adds. Its weights are drawn from the config's seed, so a
+    reference always gives the same model (and reuses its cached features)."""
+    name, _, query = ref[len(INIT_PREFIX):].partition("?")
+    if not name:
+        raise EvaluationError(f"model {ref}: expected init:CONFIG (a shipped config or a YAML file), "
+                              "optionally followed by ?FIELD=VALUE&FIELD=VALUE")
+    try:
+        cfg = load_config(name, [item for item in query.split("&") if item])
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            model = build_model(replace(cfg, run_name=f"{cfg.run_name}-init"))
+    except LCRError as err:
+        raise EvaluationError(f"model {ref}: {err}") from None
     return model.eval()
 
 
@@ -189,7 +212,10 @@ def _embed(model: LCRModel, split_uri: str, manifest: Manifest, poolings: list[s
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True,
-                        help="checkpoint (file, folder or s3://), runs:/ID/encoder, or models:/NAME@ALIAS")
+                        help="a checkpoint (file or folder, local or s3://), a run folder such as runs/NAME "
+                             "(its newest intact checkpoint), runs:/ID/encoder, models:/NAME@ALIAS, or "
+                             "init:CONFIG[?FIELD=VALUE&FIELD=VALUE] for the untrained network of a config, "
+                             "e.g. 'init:demo?backbone_weights=null' (quote it for the shell)")
     parser.add_argument("--shards", help="folder or s3://bucket/prefix holding train/ and test/ "
                                          "(default: the shards the model was trained on)")
     parser.add_argument("--pooling", nargs="+", choices=POOLINGS,

@@ -6,23 +6,34 @@ whose workers run `train_loop_per_worker`: DDP over gloo (CPU) or nccl (GPU, wit
 channels_last), shards read by `components.data`, a checkpoint every `checkpoint_every_steps` steps
 and at every epoch end, reported to Ray Train (a barrier: all ranks report, rank 0 writes the file).
 
-Re-running with the same `run_name` and `storage_path` resumes from the latest checkpoint, and
-`max_failures` lets Ray restart a failed worker group from it. A resumed epoch skips the batches
-already done: an epoch's data order depends only on (seed, epoch).
+Re-running with the same `run_name` and `storage_path` resumes from the latest checkpoint that reads
+back whole (a truncated or damaged newer one is skipped with a warning), and `max_failures` lets Ray
+restart a failed worker group from it. Ray keeps the last `keep_checkpoints` checkpoints, the
+run's latest among them. A resumed epoch skips the batches already done: an epoch's data order
+depends only on (seed, epoch), and each image's augmentation only on (seed, epoch, the image), so a
+run resumed mid-epoch ends with the same weights as an uninterrupted one.
+
+Workers get no credentials through Ray: Ray writes `runtime_env` variables in plain text to its
+logs. Local workers inherit the driver's environment; the nodes of a remote cluster need their own
+(an instance role, say). Checkpoint storage on S3 gets the driver's credentials inside the
+pyarrow file system object that Ray hands to its processes.
 
 Rank 0 alone talks to MLflow: the config as parameters, per-step metrics, the final checkpoint and
 the final encoder (a pyfunc model, see `components.tracking`). The driver only creates the store,
 the experiment and the run beforehand (so that every restart logs into the same run) and closes it.
 
-Hooks in `extra` (all optional): `stop_after_epoch: N` ends the run after epoch N (a later run with
-the same name continues it); `fail_at_step: N` with `fail_marker: PATH` makes the last rank raise
-once, after global step N (fault-injection tests); `dump_final_weights: DIR` makes every rank save
-its final state_dict as `DIR/rank<r>.pt` (to check that the ranks agree).
+Hooks in `extra` (all optional): `stop_after_epoch: N` ends the run after epoch N, `stop_after_step: N`
+after global step N, with a checkpoint there (a later run with the same name continues it);
+`fail_at_step: N` with `fail_marker: PATH` makes the last rank raise once, after global step N
+(fault-injection tests); `dump_final_weights: DIR` makes every rank save its final state_dict as
+`DIR/rank<r>.pt` (to check that the ranks agree).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import os
 import random
 import sys
@@ -40,33 +51,41 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
-from ray.train import Checkpoint, FailureConfig, RunConfig, ScalingConfig
+from PIL import Image
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from components import data, storage, tracking
 from components.checkpoint import (
+    CHECKPOINT_FILE,
+    CHECKSUM_FILE,
     Progress,
     check_resumable,
+    checkpoint_dir_name,
     load_checkpoint,
+    newest_readable,
     restore_training_state,
     rng_state,
     save_checkpoint,
     training_state,
     unwrap,
 )
+from lcr_core.augment import two_crop_transform
 from lcr_core.backbones import IMAGENET
 from lcr_core.config import LCRConfig, config_from_dict, config_yaml, load_config, warn_queue_exceeds_dataset
 from lcr_core.errors import LCRError
 from lcr_core.model import build_model
-from lcr_core.train import TrainingHealth, build_optimizer, build_scheduler, train_step
+from lcr_core.train import NonFiniteLossError, TrainingHealth, build_optimizer, build_scheduler, train_step
 
-# Variables the workers need to reach S3 and MLflow's artefact store, passed on from the driver.
-FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
-                 "AWS_DEFAULT_REGION", "AWS_REGION", "MLFLOW_S3_ENDPOINT_URL")
+# Where the workers find S3 and MLflow's artefact store, passed on from the driver; never credentials
+# (see the module's docstring).
+FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REGION", "MLFLOW_S3_ENDPOINT_URL")
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's list of a run's checkpoints
 S3_CREDENTIALS = {"access_key": "AWS_ACCESS_KEY_ID", "secret_key": "AWS_SECRET_ACCESS_KEY",
                   "session_token": "AWS_SESSION_TOKEN"}
 MODEL_URI_TAG = "lcr.model_uri"
 CHECKPOINT_TAG = "lcr.last_checkpoint"
+DIVERGED_TAG = "lcr.diverged"
 
 
 class PretrainError(LCRError):
@@ -115,6 +134,7 @@ def pretrain(cfg: LCRConfig) -> PretrainResult:
     cfg = with_absolute_paths(cfg)
     check_hooks(cfg)
     storage_path, filesystem = checkpoint_storage(cfg.storage_path)
+    stand_in_for_missing_checkpoints(cfg, storage_path, filesystem)
     connect_ray()
     uri = tracking.tracking_uri()
     storage_tag = tracking.without_credentials(cfg.storage_path)
@@ -126,6 +146,7 @@ def pretrain(cfg: LCRConfig) -> PretrainResult:
                                      resources_per_worker={"CPU": cfg.cpus_per_worker}),
         run_config=RunConfig(name=cfg.run_name, storage_path=storage_path, storage_filesystem=filesystem,
                              failure_config=FailureConfig(max_failures=cfg.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
                              worker_runtime_env={"env_vars": forwarded_env()}),
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo",
                                  timeout_s=cfg.collective_timeout_s),
@@ -138,6 +159,9 @@ def pretrain(cfg: LCRConfig) -> PretrainResult:
             raise PretrainError(f"run {cfg.run_name!r} failed: {failure_summary(err)}") from None
         raise
     tags = tracking.run_tags(uri, run_id)
+    if DIVERGED_TAG in tags:  # no model was logged; the checkpoints before the divergence are kept
+        tracking.end_run(uri, run_id, succeeded=False)
+        raise PretrainError(f"run {cfg.run_name!r} diverged: {tags[DIVERGED_TAG]}")
     tracking.end_run(uri, run_id, succeeded=True)
     if result.checkpoint is None:
         raise PretrainError(f"run {cfg.run_name!r}: finished without a checkpoint")
@@ -190,6 +214,28 @@ def checkpoint_storage(storage_path: str) -> tuple[str, pyarrow.fs.FileSystem | 
     return f"{bucket}/{prefix}".rstrip("/"), filesystem
 
 
+def stand_in_for_missing_checkpoints(cfg: LCRConfig, storage_path: str,
+                                     filesystem: pyarrow.fs.FileSystem | None) -> None:
+    """An empty folder for each checkpoint that Ray's snapshot of the run lists but that is gone
+    (deleted by hand, say). Ray would refuse to resume and advise deleting the whole run; with the
+    stand-in it resumes, and the workers skip it, with a warning, for the newest intact checkpoint."""
+    filesystem = filesystem or pyarrow.fs.LocalFileSystem()
+    run = f"{storage_path}/{cfg.run_name}"
+    if filesystem.get_file_info(f"{run}/{RAY_SNAPSHOT}").type == pyarrow.fs.FileType.NotFound:
+        return  # a new run
+    with filesystem.open_input_stream(f"{run}/{RAY_SNAPSHOT}") as stream:
+        text = stream.read()
+    try:
+        listed = {entry["checkpoint_dir_name"] for entry in json.loads(text)["checkpoint_results"]}
+    except (ValueError, KeyError, TypeError):
+        return  # not the snapshot Ray writes: Ray will say so
+    for name in sorted(listed):
+        if filesystem.get_file_info(f"{run}/{name}").type == pyarrow.fs.FileType.NotFound:
+            print(f"warning: {cfg.run_name}: checkpoint {storage.join(cfg.storage_path, cfg.run_name, name)} "
+                  "is listed by Ray but gone; an empty folder stands in for it", file=sys.stderr, flush=True)
+            filesystem.create_dir(f"{run}/{name}")
+
+
 def checkpoint_uri(checkpoint: Checkpoint, filesystem: pyarrow.fs.FileSystem | None) -> str:
     return checkpoint.path if filesystem is None else storage.S3_SCHEME + checkpoint.path
 
@@ -235,6 +281,7 @@ class Worker:
     logger: tracking.MetricLogger | None  # rank 0 only
     checkpoint_root: str
     health: TrainingHealth
+    taken: set[str] = field(default_factory=set)  # the run folder's entries when it resumed
 
     @property
     def on_gpu(self) -> bool:
@@ -243,6 +290,12 @@ class Worker:
     @property
     def last_epoch(self) -> int:
         return min(self.cfg.epochs, int(self.cfg.extra.get("stop_after_epoch", self.cfg.epochs)))
+
+    @property
+    def stop_step(self) -> int | None:
+        """The `stop_after_step` hook's global step, if set."""
+        step = self.cfg.extra.get("stop_after_step")
+        return None if step is None else int(step)
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -253,8 +306,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if worker.logger:
         worker.logger.log_params(tracking.config_params(cfg.to_dict()))
     bar = progress_bar(worker, progress)
-    for epoch in range(progress.epoch, worker.last_epoch):
-        progress = train_epoch(worker, epoch, progress, bar)
+    try:
+        for epoch in range(progress.epoch, worker.last_epoch):
+            progress = train_epoch(worker, epoch, progress, bar)
+            if progress.global_step == worker.stop_step:
+                break
+    except NonFiniteLossError as err:  # raised on every rank at once; a retry would diverge again
+        if worker.logger:
+            worker.logger.set_tag(DIVERGED_TAG, str(err))
+        return
     finish(worker, bar)
 
 
@@ -292,19 +352,71 @@ def with_local_weights(cfg: LCRConfig) -> LCRConfig:
 
 
 def resume(worker: Worker) -> Progress:
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
+    """Continue from the run's newest checkpoint that reads back whole. Ray offers its latest only,
+    which may be truncated or damaged: rank 0 looks through the run folder beside it, newest first,
+    and every rank loads the one it chose."""
+    latest = ray.train.get_checkpoint()
+    if latest is None:
         return Progress()
-    with checkpoint.as_directory() as directory:
-        state = load_checkpoint(directory)
-    check_resumable(state["config"], worker.cfg.to_dict(), checkpoint.path)
+    run_folder = CheckpointFolder(latest.filesystem, latest.path.rsplit("/", 1)[0], worker.checkpoint_root)
+    choice = share(choose_checkpoint(worker, run_folder) if worker.rank == 0 else None, worker.world_size)
+    if "error" in choice:
+        raise LCRError(choice["error"])
+    worker.taken = set(choice["taken"])
+    state = choice.pop("state", None) or run_folder.load(choice["name"])
+    where = storage.join(worker.checkpoint_root, choice["name"])
+    check_resumable(state["config"], worker.cfg.to_dict(), where)
     progress = restore_training_state(state, worker.model, worker.optimizer, worker.scheduler,
                                       worker.rank, worker.world_size)
     if worker.logger:
         worker.logger.log({"resumed_from_step": progress.global_step}, step=progress.global_step)
-        print(f"resumed {worker.cfg.run_name} from {checkpoint.path}: epoch {progress.epoch + 1}, "
+        print(f"resumed {worker.cfg.run_name} from {where}: epoch {progress.epoch + 1}, "
               f"{progress.step_in_epoch} batches in, global step {progress.global_step}", flush=True)
     return progress
+
+
+@dataclass
+class CheckpointFolder:
+    """A run's folder as Ray's storage file system reaches it: workers may hold no credentials of
+    their own, but Ray's file system object carries the driver's."""
+
+    filesystem: pyarrow.fs.FileSystem
+    path: str
+    uri: str  # what messages call it (s3://… or a local path)
+
+    def names(self) -> list[str]:
+        infos = self.filesystem.get_file_info(pyarrow.fs.FileSelector(self.path))
+        return [info.base_name for info in infos if info.type == pyarrow.fs.FileType.Directory]
+
+    def load(self, name: str) -> dict[str, Any]:
+        checkpoint = Checkpoint(path=f"{self.path}/{name}", filesystem=self.filesystem)
+        with checkpoint.as_directory() as directory:
+            return load_checkpoint(directory, storage.join(self.uri, name, CHECKPOINT_FILE))
+
+
+def choose_checkpoint(worker: Worker, run_folder: CheckpointFolder) -> dict[str, Any]:
+    """Rank 0: {"name", "state", "taken"} of the newest readable checkpoint, or {"error"}."""
+    names = run_folder.names()
+    found = newest_readable(names, run_folder.load, lambda message: warn(worker, "skipped_checkpoint", message))
+    if found is None:
+        return {"error": f"run {worker.cfg.run_name!r}: no checkpoint in {run_folder.uri} reads back whole; "
+                         "expected at least one intact checkpoint (or a new run_name to start afresh)"}
+    return {"name": found[0], "state": found[1], "taken": names}
+
+
+def share(choice: dict[str, Any] | None, world_size: int) -> dict[str, Any]:
+    """Rank 0's choice on every rank (a collective); the state it loaded stays on rank 0."""
+    if world_size == 1:
+        return choice
+    shared = [None if choice is None else {k: v for k, v in choice.items() if k != "state"}]
+    dist.broadcast_object_list(shared, src=0)
+    return choice if choice is not None else shared[0]
+
+
+def warn(worker: Worker, kind: str, message: str) -> None:
+    """Rank 0: a warning on the terminal and as the run's `lcr.warning.<kind>` tag."""
+    print(f"warning: {worker.cfg.run_name}: {message}", file=sys.stderr, flush=True)
+    worker.logger.set_tag(f"lcr.warning.{kind}", message)
 
 
 def progress_bar(worker: Worker, progress: Progress):
@@ -319,16 +431,17 @@ def progress_bar(worker: Worker, progress: Progress):
 
 
 def train_epoch(worker: Worker, epoch: int, progress: Progress, bar) -> Progress:
-    """The rest of `epoch` from `progress`; checkpoints on the way and at its end."""
+    """The rest of `epoch` from `progress` (or up to the `stop_after_step` hook); checkpoints on the
+    way and at its end."""
     cfg = worker.cfg
     first = progress.step_in_epoch if progress.epoch == epoch else 0
-    loader = data.train_loader(cfg, epoch, worker.rank, worker.world_size, start_step=first)
+    loader = epoch_loader(cfg, epoch, worker.rank, worker.world_size, first)
     worker.model.train()
     started = last_step_end = time.perf_counter()
     global_step = progress.global_step
     metrics: dict[str, float] = {}
     sums: dict[str, float] = {}
-    for step_in_epoch, (im_q, im_k) in enumerate(loader, start=first):
+    for step_in_epoch, (im_q, im_k) in enumerate(batches(loader), start=first):
         views = (to_device(im_q, worker), to_device(im_k, worker))
         metrics = train_step(worker.model, views, worker.optimizer, worker.scheduler,
                              autocast_dtype=torch.bfloat16 if worker.on_gpu else None)
@@ -349,18 +462,66 @@ def train_epoch(worker: Worker, epoch: int, progress: Progress, bar) -> Progress
                                 f"{images_per_s:.0f} img/s ETA {format_eta(eta)}")
             bar.update(1)
         inject_failure(worker, global_step)
-        every = cfg.checkpoint_every_steps
-        if every and global_step % every == 0 and step_in_epoch + 1 < worker.steps_per_epoch:
-            save(worker, Progress(epoch, step_in_epoch + 1, global_step), metrics)
+        if step_in_epoch + 1 < worker.steps_per_epoch:  # the epoch's end is checkpointed below
+            stop = global_step == worker.stop_step
+            every = cfg.checkpoint_every_steps
+            if stop or (every and global_step % every == 0):
+                save(worker, Progress(epoch, step_in_epoch + 1, global_step), metrics, final=stop)
+            if stop:
+                return Progress(epoch, step_in_epoch + 1, global_step)
     if worker.logger and sums:
         steps_done = worker.steps_per_epoch - first
         epoch_means = {name: total / steps_done for name, total in sums.items()}
         epoch_means["images_per_s"] = steps_done * cfg.batch_size / (last_step_end - started)
         check_health(worker, epoch_means, global_step)
     progress = Progress(epoch + 1, 0, global_step)
-    final = epoch + 1 == worker.last_epoch
+    final = epoch + 1 == worker.last_epoch or global_step == worker.stop_step
     save(worker, progress, metrics | {"epoch_data_skipped": loader.skipped}, final=final)
     return progress
+
+
+def epoch_loader(cfg: LCRConfig, epoch: int, rank: int, world_size: int, first: int) -> data.ShardLoader:
+    """This rank's batches of `epoch` from batch `first` on, each image's views drawn under its own seed."""
+    transform = SeededPerImage(two_crop_transform(cfg.image_size), f"{cfg.seed}/{epoch}")
+    return data.train_loader(cfg, epoch, rank, world_size, transform, start_step=first)
+
+
+class SeededPerImage:
+    """Runs a transform (the two random views) under RNGs seeded by `seed` and the image's pixels,
+    and leaves the process's RNGs as they were.
+
+    A resumed epoch skips the batches already done without augmenting their images, so a DataLoader
+    worker's RNG would stand elsewhere than in an uninterrupted epoch and every later view would
+    differ. Seeded per image, views depend on neither that nor `loader_workers`. The transforms draw
+    from torch's and Python's RNGs."""
+
+    def __init__(self, transform, seed: str):
+        self.transform, self.seed = transform, seed
+
+    def __call__(self, image: Image.Image):
+        digest = hashlib.blake2b(f"{self.seed}/{image.mode}/{image.size}/".encode(), digest_size=8)
+        digest.update(image.tobytes())
+        seed = int.from_bytes(digest.digest(), "little")
+        python_state = random.getstate()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            random.seed(seed)
+            try:
+                return self.transform(image)
+            finally:
+                random.setstate(python_state)
+
+
+def batches(loader: data.ShardLoader):
+    """The loader's batches. Starting to iterate a DataLoader draws its workers' seed from torch's RNG:
+    a resumed epoch would draw it at another point of the RNG stream than an uninterrupted one and
+    shift every later draw (shuffle-BN's permutations). It is drawn from a fork of the RNG."""
+    iterator = iter(loader)
+    with torch.random.fork_rng(devices=[]):
+        first = next(iterator, None)
+    if first is not None:
+        yield first
+        yield from iterator
 
 
 def check_health(worker: Worker, epoch_means: dict[str, float], global_step: int) -> None:
@@ -370,8 +531,7 @@ def check_health(worker: Worker, epoch_means: dict[str, float], global_step: int
     logged = epoch_means | ({} if rank is None else {"embedding_effective_rank": rank})
     worker.logger.log({f"epoch/{name}": value for name, value in logged.items()}, step=global_step)
     for kind, message in worker.health.end_epoch(epoch_means, rank).items():
-        print(f"warning: {worker.cfg.run_name}: {message}", file=sys.stderr, flush=True)
-        worker.logger.set_tag(f"lcr.warning.{kind}", message)
+        warn(worker, kind, message)
 
 
 def to_device(images: torch.Tensor, worker: Worker) -> torch.Tensor:
@@ -410,7 +570,7 @@ def gather_rng_states(world_size: int) -> list[dict[str, Any]]:
 def save(worker: Worker, progress: Progress, metrics: dict[str, float], final: bool = False) -> None:
     """Checkpoint through `ray.train.report`: every rank calls it, rank 0 writes the file."""
     rng_states = gather_rng_states(worker.world_size)
-    name = f"checkpoint_{progress.global_step:08d}"
+    name = checkpoint_dir_name(progress.global_step, worker.taken)
     with tempfile.TemporaryDirectory(prefix="lcr-checkpoint-") as tmp:
         checkpoint = None
         if worker.rank == 0:
@@ -421,6 +581,7 @@ def save(worker: Worker, progress: Progress, metrics: dict[str, float], final: b
             worker.logger.flush()  # metrics up to here are in MLflow before the checkpoint exists
             if final:
                 worker.logger.log_artifact(file, "checkpoint")
+                worker.logger.log_artifact(file.with_name(CHECKSUM_FILE), "checkpoint")
         reported = {**metrics, "epoch": progress.epoch, "step_in_epoch": progress.step_in_epoch,
                     "global_step": progress.global_step}
         ray.train.report(reported, checkpoint=checkpoint, checkpoint_dir_name=name)

@@ -7,12 +7,14 @@ worker opens them (several processes opening a fresh SQLite file at once crash i
 The encoder is logged as a custom `mlflow.pyfunc` model (`components/encoder_model.py`, logged as
 code): the query encoder's weights and the run's configuration are its artefacts, `lcr_core`
 travels with it, and `predict` maps N x 3 x H x W float32 images to N x D embeddings.
-`load_encoder` gives the `LCRModel` back from such a model or from a training checkpoint.
+`load_encoder` gives the `LCRModel` back from such a model or from a training checkpoint (a file, its
+folder, or a run's folder, whose newest readable checkpoint it takes).
 """
 
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 import time
 import urllib.parse
@@ -30,7 +32,7 @@ from mlflow.types import Schema, TensorSpec
 
 import lcr_core
 from components import encoder_model, storage
-from components.checkpoint import CHECKPOINT_FILE, load_checkpoint
+from components.checkpoint import CHECKPOINT_FILE, CHECKSUM_FILE, checkpoint_dirs, load_checkpoint, newest_readable
 from components.encoder_model import encoder_state, model_from_encoder_state, trained_model
 from lcr_core.config import LCRConfig, config_from_dict
 from lcr_core.errors import LCRError
@@ -188,8 +190,8 @@ def is_model_uri(text: str) -> bool:
 
 def load_encoder(model_uri_or_checkpoint: str | Path) -> LCRModel:
     """The trained LCRModel (eval mode, CPU) from an MLflow model URI (`models:/m-…`, `runs:/…`,
-    `models:/NAME@alias`, a model folder) or a training checkpoint (a `checkpoint.pt`, its folder,
-    or an `s3://` checkpoint folder)."""
+    `models:/NAME@alias`, a model folder) or a training checkpoint, local or on S3: a
+    `checkpoint.pt`, its folder, or a run folder (`runs/NAME`)."""
     source = str(model_uri_or_checkpoint)
     if is_model_uri(source):
         try:
@@ -198,15 +200,36 @@ def load_encoder(model_uri_or_checkpoint: str | Path) -> LCRModel:
             reason = str(err).splitlines()[0]
             raise LCRError(f"model {source}: cannot be loaded from MLflow ({reason})") from None
         return wrapper.unwrap_python_model().model.cpu()
-    if storage.is_s3(source):
-        with tempfile.TemporaryDirectory() as tmp:
-            remote = source if source.endswith(".pt") else storage.join(source, CHECKPOINT_FILE)
-            return _model_from_checkpoint(storage.download(remote, Path(tmp, CHECKPOINT_FILE)))
-    return _model_from_checkpoint(source)
-
-
-def _model_from_checkpoint(path: str | Path) -> LCRModel:
-    state = load_checkpoint(path)
-    model = trained_model(config_from_dict(state["config"], f"checkpoint {path}"))
+    name, state = read_checkpoint(source)
+    model = trained_model(config_from_dict(state["config"], f"checkpoint {name}"))
     model.load_state_dict(state["model"])
     return model.eval()
+
+
+def read_checkpoint(source: str) -> tuple[str, dict[str, Any]]:
+    """(where it is, state) of the checkpoint `source` names. A run folder's newest checkpoint that
+    reads back whole is taken, with a warning for each newer one that does not; only its
+    `checkpoint_*` folders are looked at (Ray's JSON snapshot beside them is never read)."""
+    if source.endswith(".pt") or Path(source).is_file() or storage.exists(storage.join(source, CHECKPOINT_FILE)):
+        return source, _read_checkpoint(source)
+    names = checkpoint_dirs(storage.list_dirs(source))
+    if not names:
+        raise LCRError(f"model {source}: no checkpoint in this folder; expected a checkpoint (file or "
+                       "folder), a run folder holding checkpoint_* folders, or an MLflow model URI")
+    found = newest_readable(names, lambda name: _read_checkpoint(storage.join(source, name)),
+                            lambda message: print(f"warning: {message}", file=sys.stderr, flush=True))
+    if found is None:
+        raise LCRError(f"model {source}: none of its {len(names)} checkpoints reads back whole (see the "
+                       "warnings above); expected at least one intact checkpoint")
+    return storage.join(source, found[0]), found[1]
+
+
+def _read_checkpoint(source: str) -> dict[str, Any]:
+    """A checkpoint file or folder; from S3, its file and checksum are downloaded first."""
+    if not storage.is_s3(source):
+        return load_checkpoint(source)
+    folder = source.rsplit("/", 1)[0] if source.endswith(".pt") else source
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in (CHECKPOINT_FILE, CHECKSUM_FILE):
+            storage.download(storage.join(folder, name), Path(tmp, name))
+        return load_checkpoint(tmp, storage.join(folder, CHECKPOINT_FILE))

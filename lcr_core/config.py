@@ -112,7 +112,8 @@ class LCRConfig:
     cpus_per_worker: float = 1.0
     storage_path: str = "runs"  # folder or s3://bucket/prefix for checkpoints
     checkpoint_every_steps: int = 0  # 0 = only at epoch ends
-    max_failures: int = 0
+    max_failures: int = 2  # worker-group restarts from the last checkpoint before the run fails
+    keep_checkpoints: int = 3  # checkpoints Ray keeps (the newest; the run's latest always among them)
     collective_timeout_s: int = 1800  # a dead rank blocks the others' collectives this long
     mlflow_experiment: str = "lcr"
 
@@ -174,7 +175,7 @@ class LCRConfig:
                 bad(name, "one of " + ", ".join(choices))
         for name in ("embed_dim", "projector_hidden", "num_projections", "gfb_mlp_hidden", "image_size",
                      "eval_resize", "epochs", "batch_size", "lr_base_batch", "num_workers", "bn_splits",
-                     "collective_timeout_s"):
+                     "collective_timeout_s", "keep_checkpoints"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 bad(name, "an integer >= 1")
         for name in ("temperature", "kl_temperature", "lr", "cpus_per_worker", "gfb_lr_scale"):

@@ -44,3 +44,13 @@ def batch_unshuffle(x: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
     local = x.shape[0]
     gathered = concat_all_gather(x)
     return gathered[inverse.view(world_size(), local)[rank()]]
+
+
+def all_ranks_agree(flag: bool, device: torch.device | str = "cpu") -> bool:
+    """True only if `flag` is true on every rank (a collective: all ranks call it). A decision that
+    skips a collective (such as not taking a step) must be the same on all ranks, or the others hang."""
+    if world_size() == 1:
+        return flag
+    value = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return bool(value.item())

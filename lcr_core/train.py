@@ -10,7 +10,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from lcr_core import distributed
 from lcr_core.config import LCRConfig
+from lcr_core.errors import LCRError
+
+
+class NonFiniteLossError(LCRError):
+    """Training diverged: a NaN or infinite loss. The message names the step."""
 
 
 def build_optimizer(model: nn.Module, cfg: LCRConfig) -> torch.optim.SGD:
@@ -45,6 +51,9 @@ def train_step(model: nn.Module, images: tuple[torch.Tensor, torch.Tensor], opti
     lr = optimizer.param_groups[0]["lr"]
     with torch.autocast(im_q.device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
         out = model(im_q, im_k)
+    if not distributed.all_ranks_agree(bool(torch.isfinite(out["loss"])), im_q.device):  # before the update
+        raise NonFiniteLossError(f"the loss is {out['loss'].item()} (on this rank) at step {scheduler.last_epoch + 1} "
+                                 f"(lr {lr:.3g}); expected a finite loss: lower lr or check the data")
     optimizer.zero_grad(set_to_none=True)
     out["loss"].backward()
     optimizer.step()

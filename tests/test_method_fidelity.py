@@ -268,3 +268,19 @@ def test_stop_gradient_keeps_the_fitting_loss_out_of_the_trunk():
     model(images(), images(seed=5))["loss"].backward()
     assert model.encoder_q.gfb.projections.weight.grad.abs().sum() > 0
     assert all(p.grad is None or p.grad.abs().sum() == 0 for p in model.encoder_q.backbone.parameters())
+
+
+def test_a_non_finite_loss_stops_training_before_the_update_naming_the_step():
+    from lcr_core.train import NonFiniteLossError, build_optimizer, build_scheduler, train_step
+
+    cfg = tiny_config(lr=1e30, epochs=2)
+    model = build_model(cfg)
+    optimizer = build_optimizer(model, cfg)
+    scheduler = build_scheduler(optimizer, cfg, steps_per_epoch=10)
+    with pytest.raises(NonFiniteLossError, match=r"at step \d+ .*expected a finite loss") as err:
+        for _ in range(20):
+            before = [p.detach().clone() for p in model.encoder_q.parameters()]
+            train_step(model, (images(), images(seed=1)), optimizer, scheduler)
+    assert "\n" not in str(err.value)
+    for param, saved in zip(model.encoder_q.parameters(), before):  # the failing step updated nothing
+        torch.testing.assert_close(param.detach(), saved, equal_nan=True)

@@ -1,5 +1,6 @@
 """`lcr pretrain` end to end on a real Ray cluster on loopback: DDP over gloo with 2 workers, MLflow,
-fault tolerance, stop/resume through an S3 bucket, and a job submitted through the job API.
+fault tolerance, stop/resume (at an epoch's end through an S3 bucket, and mid-epoch), a damaged
+checkpoint skipped on resume, pruning, no secret in Ray's logs, and a job submitted through the job API.
 
 One Ray head (`ray start --head --block` on 127.0.0.1, 2 CPUs, dashboard on a free port) serves the
 whole module: the tests' own `pretrain()` calls join it as a driver, and the job test submits to it.
@@ -11,10 +12,12 @@ from __future__ import annotations
 
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import time
-from dataclasses import replace
+import uuid
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import boto3
@@ -25,7 +28,8 @@ import torch
 from ray.job_submission import JobStatus, JobSubmissionClient
 
 from components import checkpoint, tracking
-from components.pretrain import pretrain
+from components.checkpoint import CHECKPOINT_FILE
+from components.pretrain import MODEL_URI_TAG, PretrainError, pretrain
 from components.shards import build_shards
 from lcr_core.config import load_config
 from lcr_core.model import build_model
@@ -76,9 +80,15 @@ def stop_session(proc: subprocess.Popen, grace: float = 5, timeout: float = 30) 
     return left
 
 
+@dataclass
+class Cluster:
+    dashboard: str  # the job API's address
+    temp_dir: Path  # Ray's sessions, logs included
+
+
 @pytest.fixture(scope="module")
 def ray_cluster(tmp_path_factory):
-    """A Ray head on loopback, which this process joins; yields the dashboard (job API) address."""
+    """A Ray head on loopback, which this process joins."""
     root = tmp_path_factory.mktemp("ray")
     gcs_port, dashboard_port = free_port(), free_port()
     env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
@@ -93,7 +103,7 @@ def ray_cluster(tmp_path_factory):
         try:
             wait_http(dashboard + "/api/version", 120, proc)
             ray.init(address=f"127.0.0.1:{gcs_port}")
-            yield dashboard
+            yield Cluster(dashboard, root / "tmp")
         finally:
             ray.shutdown()
             left = stop_session(proc)
@@ -106,6 +116,23 @@ def tiny_config(shards: Path, *overrides: str, **extra):
 
 def history(client: mlflow.MlflowClient, run_id: str, metric: str) -> list[tuple[int, float]]:
     return sorted((m.step, m.value) for m in client.get_metric_history(run_id, metric))
+
+
+def checkpoint_names(run: Path) -> list[str]:
+    return sorted(p.name for p in run.glob("checkpoint_0*"))
+
+
+def files_holding(root: Path, text: str) -> list[Path]:
+    return [p for p in root.rglob("*") if p.is_file() and text.encode() in p.read_bytes()]
+
+
+def same_weights(folder: Path, whole: list[dict]) -> bool:
+    """Each rank's dumped final weights equal the uninterrupted run's, bit for bit."""
+    for rank in range(2):
+        resumed = torch.load(folder / f"rank{rank}.pt", weights_only=True)
+        if any(not torch.equal(resumed[name], tensor) for name, tensor in whole[rank].items()):
+            return False
+    return True
 
 
 def parameter_names(cfg) -> set[str]:
@@ -161,7 +188,7 @@ def test_two_workers_hold_the_same_weights_and_log_to_mlflow(uninterrupted, mlfl
     epochs = [value for _, value in history(client, result.mlflow_run_id, "epoch")]
     assert epochs == [(step + 1) / STEPS_PER_EPOCH for step in range(2 * STEPS_PER_EPOCH)]
     artifacts = client.list_artifacts(result.mlflow_run_id, "checkpoint")
-    assert [a.path for a in artifacts] == ["checkpoint/checkpoint.pt"]
+    assert [a.path for a in artifacts] == ["checkpoint/checkpoint.pt", "checkpoint/checkpoint.sha256"]
 
     mlflow.set_tracking_uri(mlflow_server)
     logged = tracking.load_encoder(result.model_uri)
@@ -191,10 +218,27 @@ def test_a_failed_worker_resumes_from_the_last_checkpoint(ray_cluster, shards, m
         "checkpoint_00000002", "checkpoint_00000004"]
 
 
-def test_stop_and_resume_through_a_bucket_matches_the_uninterrupted_run(
+def test_a_diverging_run_ends_at_once_failed_and_logs_no_model(ray_cluster, shards, mlflow_server, tmp_path):
+    cfg = tiny_config(shards, "run_name=diverging", f"storage_path={tmp_path / 'runs'}", "lr=1e30",
+                      "checkpoint_every_steps=1")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+        with pytest.raises(PretrainError, match=r"diverged: the loss is .* at step \d+") as err:
+            pretrain(cfg)
+    assert "\n" not in str(err.value)
+    client = mlflow.MlflowClient(mlflow_server)
+    [run] = client.search_runs([client.get_experiment_by_name(cfg.mlflow_experiment).experiment_id],
+                               "tags.`lcr.run_name` = 'diverging'")
+    assert run.info.status == "FAILED" and MODEL_URI_TAG not in run.data.tags
+    assert not history(client, run.info.run_id, "resumed_from_step")  # ended at once: no retry
+
+
+def test_stop_and_resume_through_a_bucket_matches_the_uninterrupted_run_and_leaks_no_secret(
         ray_cluster, shards, s3_bucket, uninterrupted, tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.chdir(tmp_path)  # the default tracking store: ./mlflow.db
+    secret = f"lcr-fake-secret-{uuid.uuid4().hex}"  # the S3 server takes any secret
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
     storage_path = f"s3://{s3_bucket}/runs"
     first = pretrain(tiny_config(shards, "run_name=halves", f"storage_path={storage_path}",
                                  stop_after_epoch=1))
@@ -213,17 +257,90 @@ def test_stop_and_resume_through_a_bucket_matches_the_uninterrupted_run(
 
     # Same data order, RNG states, optimizer and schedule: bit-identical to the uninterrupted run.
     _, _, whole = uninterrupted
-    for rank in range(2):
-        resumed = torch.load(tmp_path / "weights" / f"rank{rank}.pt", weights_only=True)
-        for name, tensor in whole[rank].items():
-            assert torch.equal(resumed[name], tensor), f"rank {rank}: {name}"
+    assert same_weights(tmp_path / "weights", whole)
     restored = tracking.load_encoder(second.checkpoint_uri)
     assert all(torch.equal(restored.state_dict()[k], v) for k, v in whole[0].items())
+    # The workers reached the bucket, yet Ray's logs and session files never saw the secret.
+    assert files_holding(ray_cluster.temp_dir, secret) == []
+
+
+STOP_STEP = STEPS_PER_EPOCH + 2  # inside the second epoch
+
+
+@pytest.fixture(scope="module")
+def midway(ray_cluster, shards, tmp_path_factory):
+    """A run with a checkpoint at every step, stopped inside its second epoch and then resumed to its
+    end; returns its folder, both results and the checkpoints left when it stopped."""
+    root = tmp_path_factory.mktemp("midway")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        patch.chdir(root)
+        first = pretrain(midway_config(root, shards, stop_after_step=STOP_STEP))
+        kept = checkpoint_names(root / "runs" / "midway")
+        second = pretrain(midway_config(root, shards, dump_final_weights=str(root / "weights")))
+    return root, first, kept, second
+
+
+def midway_config(root: Path, shards: Path, **extra):
+    return tiny_config(shards, "run_name=midway", f"storage_path={root / 'runs'}", "checkpoint_every_steps=1",
+                       **extra)
+
+
+def test_resume_mid_epoch_matches_the_uninterrupted_run_and_keeps_the_last_checkpoints(midway, uninterrupted):
+    root, first, kept, second = midway
+    assert first.checkpoint_uri == str(root / "runs" / "midway" / f"checkpoint_{STOP_STEP:08d}")
+    assert first.metrics["global_step"] == STOP_STEP and first.metrics["step_in_epoch"] == 2
+    # keep_checkpoints (3 by default): Ray deleted the older ones as new ones came, never the latest.
+    assert kept == [f"checkpoint_{step:08d}" for step in range(STOP_STEP - 2, STOP_STEP + 1)]
+    assert checkpoint_names(root / "runs" / "midway") == [
+        f"checkpoint_{step:08d}" for step in range(2 * STEPS_PER_EPOCH - 2, 2 * STEPS_PER_EPOCH + 1)]
+    client = mlflow.MlflowClient(f"sqlite:///{root}/mlflow.db")
+    assert [v for _, v in history(client, second.mlflow_run_id, "resumed_from_step")] == [STOP_STEP]
+    assert [s for s, _ in history(client, second.mlflow_run_id, "loss")] == list(
+        range(STOP_STEP + 1, 2 * STEPS_PER_EPOCH + 1))
+    _, _, whole = uninterrupted
+    assert same_weights(root / "weights", whole)
+
+
+def test_a_damaged_latest_checkpoint_is_skipped_on_resume(midway, shards, uninterrupted):
+    root, *_ = midway
+    run = root / "runs" / "midway"
+    damaged = run / f"checkpoint_{2 * STEPS_PER_EPOCH:08d}" / CHECKPOINT_FILE
+    damaged.write_bytes(damaged.read_bytes()[:4096])  # an upload cut short
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        patch.chdir(root)
+        result = pretrain(midway_config(root, shards, dump_final_weights=str(root / "weights-again")))
+    previous = 2 * STEPS_PER_EPOCH - 1
+    client = mlflow.MlflowClient(f"sqlite:///{root}/mlflow.db")
+    assert [v for _, v in history(client, result.mlflow_run_id, "resumed_from_step")] == [previous]
+    warning = client.get_run(result.mlflow_run_id).data.tags["lcr.warning.skipped_checkpoint"]
+    assert warning.startswith(f"checkpoint {damaged}: truncated or corrupt")
+    assert client.get_run(result.mlflow_run_id).info.status == "FINISHED"
+    # The step is written again beside the damaged folder, which Ray still lists (and prunes later).
+    assert result.checkpoint_uri == str(run / f"checkpoint_{2 * STEPS_PER_EPOCH:08d}-2")
+    assert checkpoint_names(run) == [f"checkpoint_{previous:08d}", f"checkpoint_{previous + 1:08d}",
+                                     f"checkpoint_{previous + 1:08d}-2"]
+    _, _, whole = uninterrupted
+    assert same_weights(root / "weights-again", whole)
+    # `--model runs/NAME`: the run folder gives its newest intact checkpoint.
+    restored = tracking.load_encoder(run)
+    assert all(torch.equal(restored.state_dict()[k], v) for k, v in whole[0].items())
+
+    # Deleting the newest by hand (Ray's latest) makes Ray refuse to resume: an empty stand-in is made.
+    shutil.rmtree(run / f"checkpoint_{previous + 1:08d}-2")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        patch.chdir(root)
+        again = pretrain(midway_config(root, shards, dump_final_weights=str(root / "weights-third")))
+    assert again.checkpoint_uri == str(run / f"checkpoint_{previous + 1:08d}-3")
+    assert [v for _, v in history(client, again.mlflow_run_id, "resumed_from_step")] == [previous]
+    assert same_weights(root / "weights-third", whole)
 
 
 def test_a_job_submitted_to_the_cluster_succeeds(ray_cluster, shards, tmp_path):
     overrides = [*TINY, f"shards={shards}", "epochs=1", "run_name=job", f"storage_path={tmp_path / 'runs'}"]
-    client = JobSubmissionClient(ray_cluster)
+    client = JobSubmissionClient(ray_cluster.dashboard)
     job = client.submit_job(
         entrypoint=shlex.join([str(VENV_BIN / "python"), "-m", "components.cli", "pretrain", *overrides]),
         runtime_env={"env_vars": {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}})

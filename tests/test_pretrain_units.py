@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import random
 from pathlib import Path
 
@@ -13,6 +15,7 @@ import torch
 
 from components import checkpoint, pretrain, tracking
 from components.checkpoint import Progress
+from components.shards import build_shards
 from lcr_core.config import LCRConfig
 from lcr_core.errors import LCRError
 from lcr_core.model import build_model
@@ -106,17 +109,27 @@ def test_rng_is_kept_when_world_size_changed(tmp_path):
     assert torch.equal(torch.rand(2), expected)
 
 
+def with_checksum(file: Path) -> None:
+    """Record `file`'s sha256 beside it, as `save_checkpoint` does: what the torch-level checks see."""
+    digest = hashlib.sha256(file.read_bytes()).hexdigest()
+    (file.parent / checkpoint.CHECKSUM_FILE).write_text(f"{digest}  {file.name}\n")
+
+
 def test_bad_checkpoint_files_are_one_line_errors(tmp_path):
-    with pytest.raises(LCRError, match="no checkpoint.pt there"):
+    file = tmp_path / checkpoint.CHECKPOINT_FILE
+    with pytest.raises(LCRError, match=f"checkpoint {file}: no such file"):
         checkpoint.load_checkpoint(tmp_path)
-    (tmp_path / checkpoint.CHECKPOINT_FILE).write_bytes(b"not a torch file")
+    file.write_bytes(b"not a torch file")
+    with_checksum(file)
     with pytest.raises(LCRError, match="cannot be read as a weights-only torch file") as err:
         checkpoint.load_checkpoint(tmp_path)
     assert "\n" not in str(err.value)
-    torch.save({"model": {}}, tmp_path / checkpoint.CHECKPOINT_FILE)
+    torch.save({"model": {}}, file)
+    with_checksum(file)
     with pytest.raises(LCRError, match="not an lcr checkpoint"):
         checkpoint.load_checkpoint(tmp_path)
-    torch.save({"format_version": 1, "code": Progress()}, tmp_path / checkpoint.CHECKPOINT_FILE)
+    torch.save({"format_version": 1, "code": Progress()}, file)
+    with_checksum(file)
     with pytest.raises(LCRError, match="cannot be read as a weights-only torch file"):
         checkpoint.load_checkpoint(tmp_path)  # a pickled object is refused, never constructed
 
@@ -176,6 +189,84 @@ def test_logged_encoder_round_trips_through_an_mlflow_server(mlflow_server, tmp_
     checkpoint.save_checkpoint(tmp_path, state)
     with torch.no_grad():
         assert torch.equal(tracking.load_encoder(tmp_path).embed(batch), expected)
+
+
+def test_secrets_never_go_into_the_runtime_env(monkeypatch):
+    """Ray writes runtime_env variables in plain text to its logs: only settings go there."""
+    settings = {"AWS_ENDPOINT_URL": "http://127.0.0.1:9000", "AWS_DEFAULT_REGION": "eu-west-1",
+                "MLFLOW_S3_ENDPOINT_URL": "http://127.0.0.1:9000"}
+    secrets = {"AWS_ACCESS_KEY_ID": "AKIAFAKE", "AWS_SECRET_ACCESS_KEY": "lcr-fake-secret-unit",
+               "AWS_SESSION_TOKEN": "lcr-fake-token"}
+    for name, value in (settings | secrets).items():
+        monkeypatch.setenv(name, value)
+    assert pretrain.forwarded_env() == settings
+    assert not [name for name in pretrain.FORWARDED_ENV if tracking.is_secret(name)]
+
+
+@pytest.fixture(scope="module")
+def train_shards(tmp_path_factory):
+    out = tmp_path_factory.mktemp("shards")
+    build_shards("synthetic", str(out), options={"num_classes": 4, "train_per_class": 6, "test_per_class": 1,
+                                                 "image_size": 32}, splits=["train"], progress=False)
+    return out
+
+
+@pytest.mark.parametrize("loader_workers", [0, 1])
+def test_an_epoch_resumed_midway_repeats_the_uninterrupted_steps(train_shards, loader_workers):
+    """In one process, without Ray: the steps after a mid-epoch checkpoint are the same steps,
+    whatever the DataLoader's workers drew before and whenever its iterator draws its seed."""
+    cfg = tiny_config(shards=str(train_shards), loader_workers=loader_workers, num_workers=1)
+
+    def run(model, optimizer, scheduler, first: int, stop: int | None = None) -> list[float]:
+        losses = []
+        for step, views in enumerate(pretrain.batches(pretrain.epoch_loader(cfg, 0, 0, 1, first)), start=first):
+            losses.append(train_step(model, views, optimizer, scheduler)["loss"])
+            if step + 1 == stop:
+                return losses
+        return losses
+
+    model, optimizer, scheduler = trained_one_step(cfg)
+    run(model, optimizer, scheduler, 0, stop=2)
+    saved = copy.deepcopy((model.state_dict(), optimizer.state_dict(), scheduler.state_dict(),
+                           checkpoint.rng_state()))
+    expected = run(model, optimizer, scheduler, 2)
+    resumed, resumed_optimizer, resumed_scheduler = trained_one_step(cfg)
+    resumed.load_state_dict(saved[0])
+    resumed_optimizer.load_state_dict(saved[1])
+    resumed_scheduler.load_state_dict(saved[2])
+    torch.rand(5)  # the RNG stands elsewhere before the checkpoint's state is restored
+    checkpoint.set_rng_state(saved[3])
+    assert run(resumed, resumed_optimizer, resumed_scheduler, 2) == expected and len(expected) == 4
+    assert all(torch.equal(t, resumed.state_dict()[k]) for k, t in model.state_dict().items())
+
+
+def ray_snapshot(names: list[str]) -> str:
+    """The checkpoint_manager_snapshot.json Ray Train writes for a run with these checkpoints."""
+    from ray.train.v2._internal.execution.checkpoint.checkpoint_manager import (
+        _CheckpointManagerState,
+        _TrainingResultState,
+    )
+
+    results = [_TrainingResultState(checkpoint_dir_name=name, metrics={}) for name in names]
+    return _CheckpointManagerState(
+        checkpoint_results=results, checkpoint_report_indices=list(range(len(names))),
+        latest_checkpoint_result=results[-1], pending_training_results=[], pending_validation_specs=[],
+        current_report_index=len(names), validated_checkpoint_dir_names=[],
+        timed_out_validation_checkpoint_dir_names=[], failed_validation_checkpoint_dir_names=[]).json()
+
+
+def test_a_checkpoint_deleted_by_hand_gets_an_empty_stand_in(tmp_path, capsys):
+    cfg = tiny_config(run_name="by-hand", storage_path=str(tmp_path))
+    run = tmp_path / "by-hand"
+    pretrain.stand_in_for_missing_checkpoints(cfg, str(tmp_path), None)  # a new run: nothing to do
+    assert not run.exists()
+    (run / "checkpoint_00000004").mkdir(parents=True)
+    (run / pretrain.RAY_SNAPSHOT).write_text(ray_snapshot(["checkpoint_00000004", "checkpoint_00000008"]))
+    pretrain.stand_in_for_missing_checkpoints(cfg, str(tmp_path), None)
+    assert list((run / "checkpoint_00000008").iterdir()) == []
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint_00000004", "checkpoint_00000008",
+                                                     pretrain.RAY_SNAPSHOT]
+    assert f"checkpoint {run / 'checkpoint_00000008'} is listed by Ray but gone" in capsys.readouterr().err
 
 
 def test_missing_bucket_is_a_one_line_error(s3_server):
