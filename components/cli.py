@@ -16,6 +16,7 @@ STEPS = {
     "demo": ("components.demo", "generate data, pretrain, evaluate: the whole job on this machine"),
     "shards": ("components.shards", "build or verify WebDataset shards"),
     "pretrain": ("components.pretrain", "self-supervised pretraining on Ray Train"),
+    "tune": ("components.tune", "Ray Tune over K and nu (any config field): one pretraining run per trial"),
     "retrieve": ("components.retrieve", "leave-one-out retrieval on the test split"),
     "probe": ("components.probe", "linear probes at several label fractions"),
     "report": ("components.report", "attention and retrieval figures of test images, as an HTML page"),

@@ -18,9 +18,15 @@ logs. Local workers inherit the driver's environment; the nodes of a remote clus
 (an instance role, say). Checkpoint storage on S3 gets the driver's credentials inside the
 pyarrow file system object that Ray hands to its processes.
 
-Rank 0 alone talks to MLflow: the config as parameters, per-step metrics, the final checkpoint and
-the final encoder (a pyfunc model, see `components.tracking`). The driver only creates the store,
-the experiment and the run beforehand (so that every restart logs into the same run) and closes it.
+Rank 0 alone of the workers talks to MLflow: per-step metrics, the final checkpoint and the final
+encoder (a pyfunc model, see `components.tracking`). The driver creates the store, the experiment and
+the run beforehand (so that every restart logs into the same run), logs the config as its parameters
+and closes it: FINISHED, FAILED, or KILLED on Ctrl-C. A run that a killed driver left RUNNING is
+continued by the next driver with the same `run_name` and `storage_path`.
+
+What can fail before training does is checked before Ray starts (`components.preflight`), and the
+driver prints the run's config. It shows rank 0's progress bar and `[lcr]` notices only; everything
+the workers and Ray Train's controller print goes to a log file (see `WorkerOutput`).
 
 Hooks in `extra` (all optional): `stop_after_epoch: N` ends the run after epoch N, `stop_after_step: N`
 after global step N, with a checkpoint there (a later run with the same name continues it);
@@ -36,14 +42,18 @@ import hashlib
 import json
 import os
 import random
+import re
 import sys
 import tempfile
 import time
 import urllib.parse
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import mlflow
 import numpy as np
 import pyarrow.fs
 import ray
@@ -51,11 +61,14 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
+import yaml
 from PIL import Image
-from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray._private.ray_logging import global_worker_stdstream_dispatcher
+from ray.experimental import tqdm_ray
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, Result, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from components import data, storage, tracking
+from components import data, preflight, storage, tracking
 from components.checkpoint import (
     CHECKPOINT_FILE,
     CHECKSUM_FILE,
@@ -72,10 +85,18 @@ from components.checkpoint import (
 )
 from lcr_core.augment import two_crop_transform
 from lcr_core.backbones import IMAGENET
-from lcr_core.config import LCRConfig, config_from_dict, config_yaml, load_config, warn_queue_exceeds_dataset
+from lcr_core.config import LCRConfig, config_from_dict, config_yaml, load_config
 from lcr_core.errors import LCRError
+from lcr_core.metrics import retrieval_metrics
 from lcr_core.model import build_model
-from lcr_core.train import NonFiniteLossError, TrainingHealth, build_optimizer, build_scheduler, train_step
+from lcr_core.train import (
+    NonFiniteLossError,
+    TrainingHealth,
+    build_optimizer,
+    build_scheduler,
+    extract_embeddings,
+    train_step,
+)
 
 # Where the workers find S3 and MLflow's artefact store, passed on from the driver; never credentials
 # (see the module's docstring).
@@ -86,6 +107,15 @@ S3_CREDENTIALS = {"access_key": "AWS_ACCESS_KEY_ID", "secret_key": "AWS_SECRET_A
 MODEL_URI_TAG = "lcr.model_uri"
 CHECKPOINT_TAG = "lcr.last_checkpoint"
 DIVERGED_TAG = "lcr.diverged"
+RUN_NAME_TAG = "lcr.run_name"
+STORAGE_TAG = "lcr.storage_path"
+CHANGED_PARAMS_TAG = "lcr.changed_params"  # config values a continued run has but MLflow keeps the first of
+ALWAYS_SHOWN = ("run_name", "variant", "backbone")  # printed at the start even when they are the defaults
+NOTICE = "[lcr] "  # starts a line of a Ray process that the driver shows on the terminal
+RAY_PRINTER = "ray_print_logs"  # Ray's handler that prints every forwarded line on the driver
+LOG_HANDLER = "lcr_worker_output"  # ours instead (`WorkerOutput`)
+COLLECTIVE_ERROR = re.compile(r"gloo|nccl", re.IGNORECASE)
+ACTOR_PROCESS = re.compile(r"\bpid: (\d+)\s.*?\bip: (\S+)", re.DOTALL)  # in Ray's ActorDiedError message
 
 
 class PretrainError(LCRError):
@@ -129,45 +159,147 @@ def run(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------
 # Driver
 
-def pretrain(cfg: LCRConfig) -> PretrainResult:
-    """Train (or resume) `cfg.run_name` on Ray Train; returns where the checkpoint and model are."""
+def pretrain(cfg: LCRConfig, *, tags: dict[str, str] | None = None, callbacks: tuple | list = ()) -> PretrainResult:
+    """Train (or resume) `cfg.run_name` on Ray Train; returns where the checkpoint and model are.
+    `tags` go on the MLflow run (e.g. a sweep's parent run), `callbacks` to Ray Train (e.g. Tune's)."""
+    preflight.check_config(cfg)
     cfg = with_absolute_paths(cfg)
-    check_hooks(cfg)
+    preflight.check_inputs(cfg)
     storage_path, filesystem = checkpoint_storage(cfg.storage_path)
     stand_in_for_missing_checkpoints(cfg, storage_path, filesystem)
-    connect_ray()
-    uri = tracking.tracking_uri()
-    storage_tag = tracking.without_credentials(cfg.storage_path)
-    run_id = tracking.start_run(uri, cfg, {"lcr.variant": cfg.variant, "lcr.storage_path": storage_tag})
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"config": cfg.to_dict(), "tracking_uri": uri, "mlflow_run_id": run_id},
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                                     resources_per_worker={"CPU": cfg.cpus_per_worker}),
-        run_config=RunConfig(name=cfg.run_name, storage_path=storage_path, storage_filesystem=filesystem,
-                             failure_config=FailureConfig(max_failures=cfg.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
-                             worker_runtime_env={"env_vars": forwarded_env()}),
-        torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo",
-                                 timeout_s=cfg.collective_timeout_s),
-    )
-    try:
-        result = trainer.fit()
-    except BaseException as err:  # the MLflow run must not stay RUNNING, whatever stopped training
-        tracking.end_run(uri, run_id, succeeded=False)
-        if isinstance(err, ray.train.TrainingFailedError):
-            raise PretrainError(f"run {cfg.run_name!r} failed: {failure_summary(err)}") from None
-        raise
-    tags = tracking.run_tags(uri, run_id)
-    if DIVERGED_TAG in tags:  # no model was logged; the checkpoints before the divergence are kept
-        tracking.end_run(uri, run_id, succeeded=False)
-        raise PretrainError(f"run {cfg.run_name!r} diverged: {tags[DIVERGED_TAG]}")
-    tracking.end_run(uri, run_id, succeeded=True)
+    print(config_summary(cfg), end="", flush=True)
+    with ray_session(cfg):
+        preflight.check_resources(cfg)
+        uri = tracking.tracking_uri()
+        run_id = mlflow_run(uri, cfg, tags or {})
+        trainer = Trainer(
+            train_loop_per_worker,
+            train_loop_config={"config": cfg.to_dict(), "tracking_uri": uri, "mlflow_run_id": run_id},
+            scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+                                         resources_per_worker=preflight.worker_resources(cfg)),
+            run_config=RunConfig(name=cfg.run_name, storage_path=storage_path, storage_filesystem=filesystem,
+                                 failure_config=FailureConfig(max_failures=cfg.max_failures),
+                                 checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+                                 worker_runtime_env={"env_vars": forwarded_env()},
+                                 callbacks=[WorkerFailures(cfg.max_failures), *callbacks]),
+            torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo",
+                                     timeout_s=cfg.collective_timeout_s),
+        )
+        result = fit(trainer, cfg, uri, run_id)
+    logged = tracking.run_tags(uri, run_id)
+    if DIVERGED_TAG in logged:  # no model was logged; the checkpoints before the divergence are kept
+        end_run(uri, run_id, "FAILED")
+        raise PretrainError(f"run {cfg.run_name!r} diverged: {logged[DIVERGED_TAG]}")
+    end_run(uri, run_id, "FINISHED")
     if result.checkpoint is None:
         raise PretrainError(f"run {cfg.run_name!r}: finished without a checkpoint")
     return PretrainResult(run_name=cfg.run_name, mlflow_run_id=run_id,
                           checkpoint_uri=checkpoint_uri(result.checkpoint, filesystem),
-                          model_uri=tags.get(MODEL_URI_TAG, ""), metrics=dict(result.metrics))
+                          model_uri=logged.get(MODEL_URI_TAG, ""), metrics=dict(result.metrics))
+
+
+class Trainer(TorchTrainer):
+    """A TorchTrainer that leaves Ctrl-C to the driver. Ray 2.60's own SIGINT handler waits, inside
+    the handler, for the train controller to abort (which it does not do while it waits for workers
+    that do not fit), then exits with status 0 and the MLflow run FAILED. Without it, Ctrl-C raises
+    KeyboardInterrupt in `fit`, and `fit` below calls `stop`."""
+
+    controller = None
+
+    def _register_sigint_handler(self, controller) -> None:
+        self.controller = controller
+
+    def stop(self, timeout_s: float = 15) -> None:
+        """Abort the run: the controller stops the workers and ends. One that does not answer in
+        time is killed, and its workers with it (Ray ends the actors that an actor owns)."""
+        if self.controller is None:
+            return
+        try:
+            ray.get(self.controller.abort.remote(), timeout=timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            ray.kill(self.controller)
+        except ray.exceptions.RayError:  # the controller ended its own process: the usual answer
+            pass
+
+
+def fit(trainer: Trainer, cfg: LCRConfig, uri: str, run_id: str) -> Result:
+    """Ray Train's result. The MLflow run never stays RUNNING: FAILED if training failed, KILLED on
+    Ctrl-C (marked first, then the workers are stopped: a second Ctrl-C may cut that short)."""
+    try:
+        return trainer.fit()
+    except KeyboardInterrupt:
+        print("interrupted: stopping the workers…", file=sys.stderr, flush=True)
+        end_run(uri, run_id, "KILLED")
+        trainer.stop()
+        raise
+    except BaseException as err:
+        end_run(uri, run_id, "FAILED")
+        if isinstance(err, ray.train.TrainingFailedError):
+            raise PretrainError(f"run {cfg.run_name!r} failed: {failure_summary(err)}") from None
+        raise
+
+
+def end_run(uri: str, run_id: str, status: str) -> None:
+    """FINISHED, FAILED or KILLED (`tracking.end_run` knows the first two only)."""
+    mlflow.MlflowClient(uri).set_terminated(run_id, status)
+
+
+def config_summary(cfg: LCRConfig) -> str:
+    """The config as YAML for the start of the run's output: run_name, variant and backbone, then
+    every field that differs from the defaults (`--print-config` shows them all); credentials never
+    (see `tracking.config_params`)."""
+    defaults, values = LCRConfig().to_dict(), without_secrets(cfg.to_dict())
+    shown = {name: values[name] for name in ALWAYS_SHOWN} | {
+        name: value for name, value in values.items() if value != defaults.get(name)}
+    return (f"# run {cfg.run_name}: the config fields that differ from the defaults\n"
+            + yaml.safe_dump(shown, sort_keys=False))
+
+
+def without_secrets(values: dict[str, Any]) -> dict[str, Any]:
+    return {name: without_secrets(value) if isinstance(value, dict)
+            else tracking.without_credentials(value) if isinstance(value, str) else value
+            for name, value in values.items() if not tracking.is_secret(name)}
+
+
+def mlflow_run(uri: str, cfg: LCRConfig, tags: dict[str, str]) -> str:
+    """The MLflow run this driver logs into, with the config as its parameters. A driver killed
+    (kill -9) before it ended its run leaves it RUNNING; the next driver with the same run_name and
+    storage_path resumes the training, and continues that run too."""
+    storage_tag = tracking.without_credentials(cfg.storage_path)
+    run_id = orphaned_run(uri, cfg, storage_tag)
+    if run_id is None:
+        run_id = tracking.start_run(uri, cfg, {"lcr.variant": cfg.variant, STORAGE_TAG: storage_tag, **tags})
+    else:
+        print(f"continuing MLflow run {run_id}: a driver that did not end it left it RUNNING", flush=True)
+        client = mlflow.MlflowClient(uri)
+        for name, value in tags.items():
+            client.set_tag(run_id, name, value)
+    log_params(uri, run_id, cfg)
+    return run_id
+
+
+def orphaned_run(uri: str, cfg: LCRConfig, storage_tag: str) -> str | None:
+    """The newest RUNNING run of this run_name and storage_path, if any."""
+    client = mlflow.MlflowClient(uri)
+    experiment = client.get_experiment_by_name(cfg.mlflow_experiment)
+    if experiment is None:
+        return None
+    running = client.search_runs([experiment.experiment_id], "attributes.status = 'RUNNING'",
+                                 order_by=["attributes.start_time DESC"])
+    return next((run.info.run_id for run in running if run.data.tags.get(RUN_NAME_TAG) == cfg.run_name
+                 and run.data.tags.get(STORAGE_TAG) == storage_tag), None)
+
+
+def log_params(uri: str, run_id: str, cfg: LCRConfig) -> None:
+    """The config as the run's parameters. MLflow refuses to change one: a continued run keeps its
+    first values, and the names of those that changed go in the `lcr.changed_params` tag."""
+    client = mlflow.MlflowClient(uri)
+    logged = client.get_run(run_id).data.params
+    params = tracking.config_params(cfg.to_dict())
+    tracking.MetricLogger(uri, run_id).log_params({k: v for k, v in params.items() if k not in logged})
+    changed = sorted(name for name, value in params.items() if logged.get(name, value) != value)
+    if changed:
+        client.set_tag(run_id, CHANGED_PARAMS_TAG, ", ".join(changed))
 
 
 def with_absolute_paths(cfg: LCRConfig) -> LCRConfig:
@@ -177,12 +309,6 @@ def with_absolute_paths(cfg: LCRConfig) -> LCRConfig:
 
     return replace(cfg, shards=absolute(cfg.shards), storage_path=absolute(cfg.storage_path),
                    backbone_weights=absolute(cfg.backbone_weights))
-
-
-def check_hooks(cfg: LCRConfig) -> None:
-    if "fail_at_step" in cfg.extra and not cfg.extra.get("fail_marker"):
-        raise LCRError("config field 'extra.fail_at_step' needs 'extra.fail_marker': a file path that "
-                       "makes the failure happen once")
 
 
 def checkpoint_storage(storage_path: str) -> tuple[str, pyarrow.fs.FileSystem | None]:
@@ -244,23 +370,148 @@ def forwarded_env() -> dict[str, str]:
     return {name: os.environ[name] for name in FORWARDED_ENV if name in os.environ}
 
 
-def connect_ray() -> None:
+def connect_ray() -> bool:
     """Join the cluster RAY_ADDRESS names (set inside `ray job submit`), else start a local instance
-    with every CPU and GPU of this machine."""
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"))
+    with every CPU and GPU of this machine; False (and nothing done) if Ray is already initialised."""
+    if ray.is_initialized():
+        return False
+    ray.init(address=os.environ.get("RAY_ADDRESS"))
+    return True
+
+
+@contextmanager
+def ray_session(cfg: LCRConfig) -> Iterator[None]:
+    """Ray for one run. One the caller initialised (a test, a Tune trial) is used as it is. Otherwise
+    the driver connects (`connect_ray`), sends what Ray's processes print to the run's log file, and
+    shuts Ray down afterwards, on Ctrl-C too: a local instance it started stops with it."""
+    if not connect_ray():
+        yield
+        return
+    output = WorkerOutput(worker_log_path(cfg))
+    print(f"worker logs: {output.path}", flush=True)
+    global_worker_stdstream_dispatcher.remove_handler(RAY_PRINTER)
+    global_worker_stdstream_dispatcher.add_handler(LOG_HANDLER, output)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+        global_worker_stdstream_dispatcher.remove_handler(LOG_HANDLER)
+        output.close()
+
+
+def worker_log_path(cfg: LCRConfig) -> Path:
+    """`<storage_path>/<run_name>/logs/<UTC time>.log`; for storage on S3, `lcr-logs/<run_name>/…` in
+    the working directory (the driver writes the file)."""
+    folder = (Path("lcr-logs", cfg.run_name) if storage.is_s3(cfg.storage_path)
+              else Path(cfg.storage_path, cfg.run_name, "logs"))
+    return folder.resolve() / f"{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}.log"
+
+
+class WorkerOutput:
+    """The driver's end of what Ray forwards from the processes of its job (the workers, Ray Train's
+    controller): every line goes to the log file, rank 0's progress bar to the terminal, and `[lcr] `
+    notices to stderr. Ray would print every line with its process's prefix: each worker's output,
+    and a failure as tracebacks of 45 to 110 lines. `ray.init(log_to_driver=False)` would drop the
+    progress bar too (tqdm_ray's bars travel in that stream), so `ray_session` puts this in place of
+    Ray's printer among the handlers of Ray's log dispatcher (a private module of Ray 2.60, pinned)."""
+
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path, self.file = path, open(path, "a", buffering=1)
+        self.bars: dict[str, dict[str, Any]] = {}  # the last state of each bar still open, by its uuid
+
+    def __call__(self, batch: dict[str, Any]) -> None:
+        source = (f"({batch.get('actor_name') or batch.get('task_name') or 'ray'} pid={batch.get('pid')}, "
+                  f"ip={batch.get('ip')})")
+        for line in batch.get("lines", []):
+            if tqdm_ray.RAY_TQDM_MAGIC in line:
+                self.show_progress(line)
+                continue
+            self.file.write(f"{source} {line}\n")
+            if line.startswith(NOTICE):
+                tqdm_ray.instance().hide_bars()
+                print(line[len(NOTICE):], file=sys.stderr, flush=True)
+                tqdm_ray.instance().unhide_bars()
+
+    def show_progress(self, line: str) -> None:
+        """Draw a worker's tqdm_ray bar state as Ray's printer would; a line cut short is skipped."""
+        try:
+            state = json.loads(line)
+        except ValueError:
+            return
+        tqdm_ray.instance().process_state_update(state)
+        self.bars[state["uuid"]] = state
+        if state["closed"]:
+            del self.bars[state["uuid"]]
+
+    def close(self) -> None:
+        """Close the log file, and the bars of workers that stopped without closing them (Ctrl-C, a
+        failure): the terminal would show them again when the driver exits, after its last message."""
+        for state in self.bars.values():
+            tqdm_ray.instance().process_state_update(state | {"closed": True})
+        self.file.close()
 
 
 def failure_summary(err: ray.train.TrainingFailedError) -> str:
-    """The first line of the first failing rank's error (an LCRError's message as it is)."""
+    """One line for a failed run: see `summarise_failures`, or the error's first line."""
     failures = getattr(err, "worker_failures", None) or {}
-    for rank in sorted(failures):
-        cause = failures[rank]
-        while cause is not None and not isinstance(cause, LCRError):
-            cause = cause.__cause__
-        text = str(cause if cause is not None else failures[rank]).strip()
-        return f"rank {rank}: {text.splitlines()[-1] if cause is None else text.splitlines()[0]}"
-    return str(err).strip().splitlines()[0]
+    return summarise_failures(failures) if failures else str(err).strip().splitlines()[0]
+
+
+def summarise_failures(failures: dict[int, BaseException]) -> str:
+    """The error of the rank that explains the failure: a dead process first, then an LCRError (its
+    message as it is), then any other error's last line; a collective's error (gloo, NCCL) last, as
+    the other ranks get one when a rank stops."""
+    rank = min(failures, key=lambda r: (failure_order(failures[r]), r))
+    error = failures[rank]
+    if dead_actor(error) is not None:
+        return f"worker rank {rank} died ({how_it_died(dead_actor(error))})"
+    cause = lcr_cause(error)
+    text = str(cause if cause is not None else error).strip()
+    return f"rank {rank}: {text.splitlines()[-1] if cause is None else text.splitlines()[0]}"
+
+
+def failure_order(error: BaseException) -> int:
+    if dead_actor(error) is not None:
+        return 0
+    if lcr_cause(error) is not None:
+        return 1
+    return 3 if COLLECTIVE_ERROR.search(str(error)) else 2
+
+
+def dead_actor(error: BaseException) -> ray.exceptions.RayActorError | None:
+    """The RayActorError of a worker whose process is gone; Ray Train wraps it in the error of the
+    health check that found it."""
+    error = getattr(error, "health_check_failure", error)
+    return error if isinstance(error, ray.exceptions.RayActorError) else None
+
+
+def how_it_died(error: ray.exceptions.RayActorError) -> str:
+    """Ray 2.60 says that the process ended, not how: the signal is not passed on."""
+    found = ACTOR_PROCESS.search(str(error))
+    process = f"process {found[1]} on {found[2]}" if found else "its process"
+    return f"{process} ended without a Python error: killed, e.g. by SIGKILL or the OOM killer, or crashed"
+
+
+def lcr_cause(error: BaseException | None) -> LCRError | None:
+    while error is not None and not isinstance(error, LCRError):
+        error = error.__cause__
+    return error
+
+
+class WorkerFailures(ray.train.UserCallback):
+    """Runs in Ray Train's controller. When workers fail and `max_failures` lets Ray Train restart
+    them from the last checkpoint, the driver shows which rank failed, as a notice; a failure that
+    ends the run is the driver's error (`failure_summary`)."""
+
+    def __init__(self, max_failures: int):
+        self.max_failures, self.failures = max_failures, 0
+
+    def after_exception(self, run_context, worker_exceptions: dict[int, Exception]) -> None:
+        self.failures += 1
+        if self.failures <= self.max_failures:
+            notice(f"warning: {summarise_failures(worker_exceptions)}; recovering: the workers restart from the "
+                   f"last checkpoint (failure {self.failures} of max_failures={self.max_failures})")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -303,8 +554,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     context = ray.train.get_context()
     worker = build_worker(cfg, context.get_world_rank(), context.get_world_size(), loop_config)
     progress = resume(worker)
-    if worker.logger:
-        worker.logger.log_params(tracking.config_params(cfg.to_dict()))
     bar = progress_bar(worker, progress)
     try:
         for epoch in range(progress.epoch, worker.last_epoch):
@@ -330,8 +579,6 @@ def build_worker(cfg: LCRConfig, rank: int, world_size: int, loop_config: dict[s
     logger = None
     if rank == 0:
         logger = tracking.MetricLogger(loop_config["tracking_uri"], loop_config["mlflow_run_id"])
-        if not cfg.is_byol:
-            warn_queue_exceeds_dataset(cfg, loader.manifest.total)
     steps = len(loader)
     return Worker(cfg, rank, world_size, device, model, optimizer, build_scheduler(optimizer, cfg, steps),
                   steps, logger, storage.join(cfg.storage_path, cfg.run_name), TrainingHealth(cfg.embed_dim))
@@ -370,8 +617,8 @@ def resume(worker: Worker) -> Progress:
                                       worker.rank, worker.world_size)
     if worker.logger:
         worker.logger.log({"resumed_from_step": progress.global_step}, step=progress.global_step)
-        print(f"resumed {worker.cfg.run_name} from {where}: epoch {progress.epoch + 1}, "
-              f"{progress.step_in_epoch} batches in, global step {progress.global_step}", flush=True)
+        notice(f"resumed {worker.cfg.run_name} from {where}: epoch {progress.epoch + 1}, "
+               f"{progress.step_in_epoch} batches in, global step {progress.global_step}")
     return progress
 
 
@@ -414,9 +661,15 @@ def share(choice: dict[str, Any] | None, world_size: int) -> dict[str, Any]:
 
 
 def warn(worker: Worker, kind: str, message: str) -> None:
-    """Rank 0: a warning on the terminal and as the run's `lcr.warning.<kind>` tag."""
-    print(f"warning: {worker.cfg.run_name}: {message}", file=sys.stderr, flush=True)
+    """Rank 0: a warning on the driver's terminal (a notice) and as the run's `lcr.warning.<kind>` tag."""
+    notice(f"warning: {worker.cfg.run_name}: {message}")
     worker.logger.set_tag(f"lcr.warning.{kind}", message)
+
+
+def notice(text: str) -> None:
+    """A line for the driver's terminal (see `WorkerOutput`). Written to the process's own stdout:
+    Ray Train's `print` on the workers would also copy it through its logger, so it came twice."""
+    print(NOTICE + text, file=sys.__stdout__, flush=True)
 
 
 def progress_bar(worker: Worker, progress: Progress):
@@ -476,8 +729,27 @@ def train_epoch(worker: Worker, epoch: int, progress: Progress, bar) -> Progress
         check_health(worker, epoch_means, global_step)
     progress = Progress(epoch + 1, 0, global_step)
     final = epoch + 1 == worker.last_epoch or global_step == worker.stop_step
+    if cfg.eval_every_epochs and (epoch + 1) % cfg.eval_every_epochs == 0:
+        metrics = metrics | validate(worker, global_step)
     save(worker, progress, metrics | {"epoch_data_skipped": loader.skipped}, final=final)
     return progress
+
+
+def validate(worker: Worker, global_step: int) -> dict[str, float]:
+    """Rank 0: leave-one-out retrieval on the shards' test split (for `lcr tune`, the hold-out split),
+    with the variant's test pooling; the other ranks wait in the report that follows."""
+    if worker.rank != 0:
+        return {}
+    cfg, model = worker.cfg, unwrap(worker.model)
+    loader = data.eval_loader(storage.join(cfg.shards, "test"), cfg.image_size, cfg.eval_resize, batch_size=64)
+    with torch.random.fork_rng(devices=[]):  # iterating a DataLoader draws from torch's RNG: keep resumes exact
+        embeddings, labels = extract_embeddings(model, ((b[0], b[1]) for b in loader), [cfg.test_pooling],
+                                                worker.device)
+    worker.model.train()
+    found = retrieval_metrics(embeddings[cfg.test_pooling], labels)
+    metrics = {"val_rank1": found["rank1"], "val_mAP": found["mAP"]}
+    worker.logger.log(metrics, step=global_step)
+    return metrics
 
 
 def epoch_loader(cfg: LCRConfig, epoch: int, rank: int, world_size: int, first: int) -> data.ShardLoader:

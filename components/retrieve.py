@@ -16,7 +16,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from components import storage
+from components import storage, tracking
 from components.features import (
     EvaluationSetup,
     Features,
@@ -51,7 +51,7 @@ def retrieve(setup: EvaluationSetup, model_ref: str, run_id: str | None = None,
                               model_hash=model_fingerprint(setup.model))
     results = {pooling: evaluate_retrieval(f) for pooling, f in features.items()}
     with evaluation_run(setup.model, "retrieve", model_ref, run_id, experiment) as logger:
-        logger.log_params({"retrieve.model": model_ref, "retrieve.shards": setup.shards,
+        logger.log_params({"retrieve.model": model_ref, "retrieve.shards": tracking.without_credentials(setup.shards),
                            "retrieve.poolings": " ".join(setup.poolings)})
         logger.log({f"retrieval/{pooling}/{name}": value for pooling, metrics in results.items()
                     for name, value in metrics.items()}, step=0)

@@ -56,7 +56,12 @@ def prepare_experiment(uri: str, name: str) -> str:
     experiment = client.get_experiment_by_name(name)
     if experiment:
         return experiment.experiment_id
-    return client.create_experiment(name, artifact_location=local_artifact_location(uri, name))
+    try:
+        return client.create_experiment(name, artifact_location=local_artifact_location(uri, name))
+    except mlflow.exceptions.MlflowException as err:  # another process created it since we looked
+        if err.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        return client.get_experiment_by_name(name).experiment_id
 
 
 def local_artifact_location(uri: str, experiment: str) -> str | None:

@@ -112,6 +112,7 @@ class LCRConfig:
     cpus_per_worker: float = 1.0
     storage_path: str = "runs"  # folder or s3://bucket/prefix for checkpoints
     checkpoint_every_steps: int = 0  # 0 = only at epoch ends
+    eval_every_epochs: int = 0  # > 0: retrieval on the shards' test split every N epochs (`lcr tune`)
     max_failures: int = 2  # worker-group restarts from the last checkpoint before the run fails
     keep_checkpoints: int = 3  # checkpoints Ray keeps (the newest; the run's latest always among them)
     collective_timeout_s: int = 1800  # a dead rank blocks the others' collectives this long
@@ -182,7 +183,8 @@ class LCRConfig:
             if not getattr(self, name) > 0 or not math.isfinite(getattr(self, name)):
                 bad(name, "a finite number > 0")
         for name in ("kl_weight", "cl_weight", "weight_decay", "sgd_momentum", "warmup_epochs",
-                     "checkpoint_every_steps", "max_failures", "loader_workers", "freeze_stages"):
+                     "checkpoint_every_steps", "max_failures", "loader_workers", "freeze_stages",
+                     "eval_every_epochs"):
             if not getattr(self, name) >= 0 or not math.isfinite(getattr(self, name)):
                 bad(name, "a finite number >= 0")
         if self.freeze_stages >= (stages := BACKBONE_STAGES[self.backbone]):

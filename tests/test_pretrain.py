@@ -1,6 +1,8 @@
 """`lcr pretrain` end to end on a real Ray cluster on loopback: DDP over gloo with 2 workers, MLflow,
 fault tolerance, stop/resume (at an epoch's end through an S3 bucket, and mid-epoch), a damaged
 checkpoint skipped on resume, pruning, no secret in Ray's logs, and a job submitted through the job API.
+Faults of the driver and the workers: Ctrl-C (as `lcr pretrain` on its own local Ray), a driver
+killed with kill -9 and then resumed, a worker killed with kill -9.
 
 One Ray head (`ray start --head --block` on 127.0.0.1, 2 CPUs, dashboard on a free port) serves the
 whole module: the tests' own `pretrain()` calls join it as a driver, and the job test submits to it.
@@ -11,10 +13,12 @@ which would kill every Ray process on this shared machine.
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import shutil
 import signal
 import subprocess
+import threading
 import time
 import uuid
 from dataclasses import dataclass, replace
@@ -25,11 +29,12 @@ import mlflow
 import pytest
 import ray
 import torch
+import yaml
 from ray.job_submission import JobStatus, JobSubmissionClient
 
 from components import checkpoint, tracking
 from components.checkpoint import CHECKPOINT_FILE
-from components.pretrain import MODEL_URI_TAG, PretrainError, pretrain
+from components.pretrain import MODEL_URI_TAG, RAY_SNAPSHOT, PretrainError, pretrain
 from components.shards import build_shards
 from lcr_core.config import load_config
 from lcr_core.model import build_model
@@ -84,6 +89,8 @@ def stop_session(proc: subprocess.Popen, grace: float = 5, timeout: float = 30) 
 class Cluster:
     dashboard: str  # the job API's address
     temp_dir: Path  # Ray's sessions, logs included
+    address: str  # the GCS, for drivers that join it (RAY_ADDRESS)
+    session: int  # the head's session id: the cluster's processes (its actors too) are in it
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +110,7 @@ def ray_cluster(tmp_path_factory):
         try:
             wait_http(dashboard + "/api/version", 120, proc)
             ray.init(address=f"127.0.0.1:{gcs_port}")
-            yield Cluster(dashboard, root / "tmp")
+            yield Cluster(dashboard, root / "tmp", f"127.0.0.1:{gcs_port}", proc.pid)
         finally:
             ray.shutdown()
             left = stop_session(proc)
@@ -358,3 +365,121 @@ def test_a_job_submitted_to_the_cluster_succeeds(ray_cluster, shards, tmp_path):
     # Artefacts sit beside the database, not in the working directory of whichever process logged.
     run_artifacts = tmp_path / "mlartifacts" / "lcr" / run.info.run_id / "artifacts"
     assert (run_artifacts / "checkpoint" / "checkpoint.pt").is_file()
+
+
+# ---------------------------------------------------------------------------------------------
+# Faults of the driver and the workers
+
+def cli_driver(root: Path, *overrides: str, ray_address: str | None = None) -> subprocess.Popen:
+    """`lcr pretrain` in a session of its own, tracked in root/mlflow.db, printing to root/out.txt and
+    root/err.txt; on a local Ray instance of its own unless `ray_address` names a cluster to join."""
+    tracking.prepare_experiment(f"sqlite:///{root}/mlflow.db", "lcr")  # one process migrates a fresh store
+    env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{root}/mlflow.db", RAY_AUTH_MODE="disabled",
+               RAY_USAGE_STATS_ENABLED="0")
+    env.pop("RAY_ADDRESS", None)
+    if ray_address:
+        env["RAY_ADDRESS"] = ray_address
+    with open(root / "out.txt", "w") as out, open(root / "err.txt", "w") as err:
+        return subprocess.Popen([str(VENV_BIN / "lcr"), "pretrain", *TINY, *overrides], stdout=out, stderr=err,
+                                env=env, cwd=root, start_new_session=True)
+
+
+def wait_for(condition, timeout: float, proc: subprocess.Popen | None = None):
+    """`condition()`'s first truthy value, polled every half second."""
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        assert proc is None or proc.poll() is None, f"the driver exited with {proc.returncode}"
+        assert time.monotonic() < deadline, f"still waiting after {timeout} s"
+        time.sleep(0.5)
+    return value
+
+
+def training_run(client: mlflow.MlflowClient, run_name: str) -> str | None:
+    """The id of `run_name`'s MLflow run once it has logged a training step."""
+    experiment = client.get_experiment_by_name("lcr").experiment_id
+    runs = client.search_runs([experiment], f"tags.`lcr.run_name` = '{run_name}'")
+    return runs[0].info.run_id if runs and client.get_metric_history(runs[0].info.run_id, "loss") else None
+
+
+def train_workers(session: int) -> list[int]:
+    """The pids of Ray Train's worker processes in a session."""
+    listing = subprocess.run(["ps", "-o", "pid=,args=", "-s", str(session)], capture_output=True, text=True,
+                             check=False).stdout
+    return [int(line.split()[0]) for line in listing.splitlines() if "ray::RayTrainWorker" in line]
+
+
+def test_ctrl_c_stops_the_workers_marks_the_run_killed_and_leaves_no_ray_process(shards, tmp_path):
+    """A terminal's Ctrl-C (SIGINT to the driver's process group) once training runs; the driver shows
+    its config, rank 0's progress bar and nothing else of Ray's processes, whose output is logged."""
+    proc = cli_driver(tmp_path, f"shards={shards}", "run_name=ctrl-c", f"storage_path={tmp_path / 'runs'}",
+                      "epochs=500")
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    try:
+        run_id = wait_for(lambda: training_run(client, "ctrl-c"), 300, proc)
+        started = time.monotonic()
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(timeout=120) == 130 and time.monotonic() - started < 60
+        wait_for(lambda: not session_pids(proc.pid), 30)  # no Ray process of its local instance is left
+    finally:
+        stop_session(proc)
+    assert client.get_run(run_id).info.status == "KILLED"
+    out, err = (tmp_path / "out.txt").read_text(), (tmp_path / "err.txt").read_text()
+    assert "interrupted: stopping the workers…\n" in err and err.endswith("lcr pretrain: interrupted\n")
+    printed = yaml.safe_load(out.split("worker logs: ")[0])
+    assert printed["run_name"] == "ctrl-c" and printed["epochs"] == 500 and "lr" not in printed
+    assert "pretrain ctrl-c" in err or "epoch 1/500" in err  # rank 0's bar
+    assert "(RayTrainWorker" not in out + err and "(TrainController" not in out + err
+    [log] = (tmp_path / "runs" / "ctrl-c" / "logs").glob("*.log")
+    assert f"worker logs: {log}\n" in out
+    assert "(RayTrainWorker pid=" in log.read_text()
+
+
+def test_a_run_left_running_by_a_driver_killed_with_sigkill_is_continued_by_its_resume(
+        ray_cluster, shards, tmp_path, monkeypatch):
+    overrides = ["run_name=sigkill", f"storage_path={tmp_path / 'runs'}", "epochs=12"]
+    proc = cli_driver(tmp_path, f"shards={shards}", *overrides, ray_address=ray_cluster.address)
+    snapshot = tmp_path / "runs" / "sigkill" / RAY_SNAPSHOT  # Ray resumes from the checkpoints it lists
+    try:
+        wait_for(lambda: snapshot.exists() and f"checkpoint_{STEPS_PER_EPOCH:08d}" in snapshot.read_text(), 300, proc)
+        proc.kill()  # the driver alone; Ray ends its job's actors, the workers among them
+        proc.wait()
+    finally:
+        stop_session(proc)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = mlflow.MlflowClient(uri)
+    [killed] = client.search_runs([client.get_experiment_by_name("lcr").experiment_id])
+    assert killed.info.status == "RUNNING"
+    wait_for(lambda: not train_workers(ray_cluster.session), 60)
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    result = pretrain(tiny_config(shards, *overrides))
+    [run] = client.search_runs([client.get_experiment_by_name("lcr").experiment_id])
+    assert run.info.run_id == killed.info.run_id == result.mlflow_run_id and run.info.status == "FINISHED"
+    resumed = [value for _, value in history(client, run.info.run_id, "resumed_from_step")]
+    assert len(resumed) == 1 and resumed[0] >= STEPS_PER_EPOCH
+    assert result.metrics["global_step"] == 12 * STEPS_PER_EPOCH
+    assert {step for step, _ in history(client, run.info.run_id, "loss")} == set(range(1, 12 * STEPS_PER_EPOCH + 1))
+
+
+def test_a_worker_killed_with_sigkill_is_named_in_the_error(ray_cluster, shards, tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    cfg = tiny_config(shards, "run_name=killed-worker", f"storage_path={tmp_path / 'runs'}", "epochs=500",
+                      "max_failures=0")
+    wait_for(lambda: not train_workers(ray_cluster.session), 60)
+    killed = []
+
+    def kill_a_worker() -> None:
+        pids = wait_for(lambda: len(found := train_workers(ray_cluster.session)) == 2 and found, 300)
+        time.sleep(5)  # training under way
+        os.kill(pids[-1], signal.SIGKILL)
+        killed.append(pids[-1])
+
+    killer = threading.Thread(target=kill_a_worker, daemon=True)
+    killer.start()
+    with pytest.raises(PretrainError) as err:
+        pretrain(cfg)
+    killer.join()
+    assert re.fullmatch(rf"run 'killed-worker' failed: worker rank [01] died \(process {killed[0]} on \S+ ended "
+                        r"without a Python error: killed, e\.g\. by SIGKILL or the OOM killer, or crashed\)",
+                        str(err.value)), str(err.value)

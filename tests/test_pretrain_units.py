@@ -1,10 +1,13 @@
-"""Pieces of the pretrain step that need no Ray: checkpoints, RNG states, MLflow params and models."""
+"""Pieces of the pretrain step that need no Ray: checkpoints, RNG states, MLflow params and models, the
+driver's run continuation, failure summaries, the printed config and the driver's share of the output."""
 
 from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import random
+from dataclasses import replace
 from pathlib import Path
 
 import mlflow
@@ -12,8 +15,12 @@ import numpy as np
 import pytest
 import ray.train
 import torch
+import yaml
+from ray.core.generated.common_pb2 import ActorDiedErrorContext
+from ray.experimental import tqdm_ray
+from ray.train.v2._internal.exceptions import WorkerHealthCheckFailedError
 
-from components import checkpoint, pretrain, tracking
+from components import checkpoint, preflight, pretrain, tracking
 from components.checkpoint import Progress
 from components.shards import build_shards
 from lcr_core.config import LCRConfig
@@ -277,7 +284,7 @@ def test_missing_bucket_is_a_one_line_error(s3_server):
 
 def test_fault_hook_needs_its_marker():
     with pytest.raises(LCRError, match="extra.fail_marker"):
-        pretrain.check_hooks(tiny_config(extra={"fail_at_step": 2}))
+        preflight.check_hooks(tiny_config(extra={"fail_at_step": 2}))
 
 
 def test_resuming_with_a_different_model_is_refused():
@@ -294,3 +301,79 @@ def test_a_worker_error_is_summarised_in_one_line():
     assert summary == "rank 0: shards/train: no manifest.json"
     traceback = RuntimeError("Traceback\n  ...\nboom")
     assert pretrain.failure_summary(ray.train.WorkerGroupError("x", {1: traceback})) == "rank 1: boom"
+
+
+GLOO_ERROR = RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:561] Connection closed by peer "
+                          "[127.0.0.1]:14224. This is typically caused by a remote worker crashing.")
+
+
+def killed_worker(pid: int = 15656) -> Exception:
+    """What Ray Train 2.60 reports for a worker whose process was killed (seen with SIGKILL)."""
+    died = ray.exceptions.ActorDiedError(ActorDiedErrorContext(pid=pid, node_ip_address="192.0.2.2",
+                                                               class_name="RayTrainWorker", actor_id=bytes(16)))
+    return WorkerHealthCheckFailedError("A worker health check failed.\nWorker info: Worker(...)", failure=died)
+
+
+def test_a_killed_worker_is_named_rather_than_the_gloo_error_of_the_rank_that_survived():
+    summary = pretrain.failure_summary(ray.train.WorkerGroupError("x", {0: GLOO_ERROR, 1: killed_worker()}))
+    assert summary == ("worker rank 1 died (process 15656 on 192.0.2.2 ended without a Python error: killed, "
+                       "e.g. by SIGKILL or the OOM killer, or crashed)")
+    # A rank that raised comes before the collective error that its failure caused on the others.
+    injected = RuntimeError("Traceback ...\nRuntimeError: injected failure after global step 3")
+    summary = pretrain.failure_summary(ray.train.WorkerGroupError("x", {0: GLOO_ERROR, 1: injected}))
+    assert summary == "rank 1: RuntimeError: injected failure after global step 3"
+    assert pretrain.failure_summary(ray.train.WorkerGroupError("x", {0: GLOO_ERROR})).startswith("rank 0: [../")
+
+
+def test_a_failure_that_ray_train_recovers_from_is_a_notice_naming_the_rank(capfd):
+    callback = pretrain.WorkerFailures(max_failures=1)
+    callback.after_exception(None, {0: GLOO_ERROR, 1: killed_worker()})
+    out = capfd.readouterr().out
+    assert out == ("[lcr] warning: worker rank 1 died (process 15656 on 192.0.2.2 ended without a Python error: "
+                   "killed, e.g. by SIGKILL or the OOM killer, or crashed); recovering: the workers restart from "
+                   "the last checkpoint (failure 1 of max_failures=1)\n")
+    callback.after_exception(None, {1: killed_worker()})  # beyond max_failures: the driver's error says it
+    assert capfd.readouterr().out == ""
+
+
+def test_the_config_printed_at_the_start_holds_what_differs_from_the_defaults_and_no_secret():
+    cfg = tiny_config(storage_path="s3://admin:hunter2@bucket/runs", extra={"api_token": "t0k", "note": "x"})
+    text = pretrain.config_summary(cfg)
+    assert text.startswith("# run unit: the config fields that differ from the defaults\n")
+    shown = yaml.safe_load(text)
+    assert list(shown)[:3] == ["run_name", "variant", "backbone"] and shown["variant"] == "lcr"  # a default
+    assert shown["storage_path"] == "s3://bucket/runs" and shown["extra"] == {"note": "x"}
+    assert shown["embed_dim"] == 16 and "lr" not in shown and "hunter2" not in text and "t0k" not in text
+
+
+def test_the_driver_shows_rank_0_bar_and_notices_and_logs_every_line(tmp_path, capsys, monkeypatch):
+    shown = []
+    monkeypatch.setattr(tqdm_ray.instance(), "process_state_update", shown.append)
+    output = pretrain.WorkerOutput(tmp_path / "logs" / "run.log")
+    bar = {"__magic_token__": tqdm_ray.RAY_TQDM_MAGIC, "x": 3, "pos": 0, "desc": "epoch 1/2", "total": 8,
+           "uuid": "b1", "closed": False}
+    output({"pid": 11, "ip": "10.0.0.1", "actor_name": "RayTrainWorker", "lines": [
+        json.dumps(bar), "Reporting training result 1", "[lcr] warning: run: the loss rose"]})
+    output({"pid": 12, "ip": "10.0.0.1", "actor_name": "TrainController", "lines": ["[FailurePolicy] RETRY"]})
+    output.close()  # the worker stopped without closing its bar: the driver closes it
+    assert shown == [bar, bar | {"closed": True}]
+    assert capsys.readouterr() == ("", "warning: run: the loss rose\n")
+    assert (tmp_path / "logs" / "run.log").read_text().splitlines() == [
+        "(RayTrainWorker pid=11, ip=10.0.0.1) Reporting training result 1",
+        "(RayTrainWorker pid=11, ip=10.0.0.1) [lcr] warning: run: the loss rose",
+        "(TrainController pid=12, ip=10.0.0.1) [FailurePolicy] RETRY"]
+
+
+def test_a_run_left_running_by_a_killed_driver_is_continued_not_a_finished_one(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    cfg = tiny_config(storage_path=str(tmp_path / "runs"))
+    first = pretrain.mlflow_run(uri, cfg, {})  # its driver was killed: the run stays RUNNING
+    assert pretrain.mlflow_run(uri, replace(cfg, epochs=4), {"lcr.trial": "t1"}) == first
+    client = mlflow.MlflowClient(uri)
+    run = client.get_run(first)
+    assert run.data.params["epochs"] == "2" and run.data.tags[pretrain.CHANGED_PARAMS_TAG] == "epochs"
+    assert run.data.tags["lcr.trial"] == "t1"
+    elsewhere = pretrain.mlflow_run(uri, replace(cfg, storage_path=str(tmp_path / "other")), {})
+    assert elsewhere != first
+    pretrain.end_run(uri, first, "FINISHED")
+    assert pretrain.mlflow_run(uri, cfg, {}) not in (first, elsewhere)
