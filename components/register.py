@@ -196,7 +196,7 @@ def settle(client: mlflow.MlflowClient, name: str) -> dict[int, Entry]:
         target = str(best(found).version)
         if aliases(client, name).get(CHAMPION) == target:
             return found
-        client.set_registered_model_alias(name, CHAMPION, target)
+        set_alias(client, name, CHAMPION, target)
     raise RegistryError(f"model {name}: the {CHAMPION} alias did not settle after {MAX_ROUNDS} writes; "
                         "expected other registrations to finish (run again)")
 
@@ -255,8 +255,23 @@ def promote(client: mlflow.MlflowClient, name: str, version: str) -> Decision:
     found = settle(client, name)
     decision = decide(own, found, previous)
     if decision.kind == CHALLENGER:
-        client.set_registered_model_alias(name, CHALLENGER, version)
+        for _ in range(MAX_ROUNDS):
+            if set_alias(client, name, CHALLENGER, version):
+                break
     return decision
+
+
+def set_alias(client: mlflow.MlflowClient, name: str, alias: str, version: str) -> bool:
+    """Point `alias` at `version`; False when another process wrote the same alias at that moment
+    (MLflow's SQLite store replaces an alias in two statements, and the second writer then breaks a
+    UNIQUE constraint): the caller reads again and decides anew."""
+    try:
+        client.set_registered_model_alias(name, alias, version)
+    except MlflowException as err:
+        if "UNIQUE constraint" not in str(err) and err.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        return False
+    return True
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,6 +17,8 @@ import mlflow
 import numpy as np
 import pytest
 import torch
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import BAD_REQUEST
 
 from components import cli, register, tracking
 from components.data import read_manifest
@@ -256,18 +258,12 @@ def test_two_processes_racing_end_with_the_better_champion(ranked, shards, cache
         log.seek(0)
         outputs.append(log.read())
         log.close()
-    # Seen once in ~10 runs under a full suite's load: one process exited 2 (its message was lost to
-    # pytest's truncation, now printed whole). Whatever failed, it must be one line, and the better
-    # version must still end as champion.
-    report = "\n---\n".join(output[-1500:] for output in outputs)
-    assert codes.count(0) >= 1 and set(codes) <= {0, 2}, report
-    for code, output in zip(codes, outputs):
-        if code == 2:
-            assert len([line for line in output.splitlines() if "lcr register: error:" in line]) == 1, report
+    # both succeed: two alias writes at the same moment once broke MLflow's SQLite UNIQUE constraint
+    assert codes == [0, 0], "\n---\n".join(output[-1500:] for output in outputs)
     winner = tags_of(client, name, champion(client, name))
     assert float(winner["lcr.rank1"]) == pytest.approx(best_rank1) and winner["lcr.decision"] == "champion"
-    decisions = {v.tags.get("lcr.decision") for v in client.search_model_versions(f"name = '{name}'")}
-    assert decisions - {None} <= {"champion", "challenger"}  # the worse one may have been champion first
+    decisions = {v.tags["lcr.decision"] for v in client.search_model_versions(f"name = '{name}'")}
+    assert decisions <= {"champion", "challenger"}  # the worse one may have been champion until the better came
 
 
 # ---------------------------------------------------------------------------------------------
@@ -350,3 +346,28 @@ def test_no_credential_reaches_the_store(served, client):
         assert secret not in blob
     assert os.environ["AWS_SECRET_ACCESS_KEY"] == FAKE_SECRETS["AWS_SECRET_ACCESS_KEY"]  # they were set
 
+
+
+class CollidingClient(mlflow.MlflowClient):
+    """Its first alias write meets the error MLflow's SQLite store gives when another process writes the
+    same alias at that moment (seen in the two-process race under load)."""
+
+    collided = False
+
+    def set_registered_model_alias(self, name, alias, version):
+        if not self.collided:
+            self.collided = True
+            raise MlflowException("(sqlite3.IntegrityError) UNIQUE constraint failed: registered_model_aliases.name",
+                                  error_code=BAD_REQUEST)
+        return super().set_registered_model_alias(name, alias, version)
+
+
+def test_an_alias_write_colliding_with_another_process_is_read_again_and_retried(ranked, shards, cache, client,
+                                                                                 mlflow_server):
+    (worst, _), _, _ = ranked
+    setup = EvaluationSetup(load_model(str(worst)), str(shards["main"]), ["attention"], 64, 0, str(cache))
+    version, _ = register.create_version(setup, str(worst), "race-collide", read_manifest(str(shards["main"] / "test")),
+                                         False, None)
+    colliding = CollidingClient(mlflow_server)
+    assert register.promote(colliding, "race-collide", version).kind == "champion" and colliding.collided
+    assert champion(client, "race-collide") == version
