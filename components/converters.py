@@ -454,13 +454,25 @@ def _imagefolder_records(folder: Path, images: dict[str, list[Path]], class_name
 # Synthetic (DESIGN §4)
 
 def synthetic(root: Path | None, options: dict[str, Any]) -> Source:
-    """`lcr_core.synthetic`'s generator; options are `SyntheticSpec` fields (root is not used)."""
+    """`lcr_core.synthetic`'s generator; options are `SyntheticSpec` fields (root is not used), plus
+    `drop` = N (default 0): the generator's next samples instead, as a new drop to `--append`. Drop N
+    of a split is samples N * size .. (N + 1) * size - 1: new keys and images, the same classes."""
     from lcr_core import synthetic as gen
 
+    options = dict(options)
+    drop = options.pop("drop", 0)
+    if isinstance(drop, bool) or not isinstance(drop, int) or drop < 0:
+        raise LCRError(f"source 'synthetic' option drop={drop!r}: expected an integer >= 0")
     spec = gen.SyntheticSpec.from_options(options)
+    # render() takes indices below the split's size only; the per-class counts affect nothing else
+    # about an image, so a spec with (drop + 1) times as many samples reaches this drop's
+    reach = replace(spec, train_per_class=spec.train_per_class * (drop + 1),
+                    test_per_class=spec.test_per_class * (drop + 1))
 
     def samples(split: str) -> Iterator[Sample]:
-        for s in gen.generate(spec, split):
+        size = spec.split_size(split)
+        for index in range(drop * size, (drop + 1) * size):
+            s = gen.render(reach, split, index)
             yield Sample(s.key, s.image, s.label, s.meta)
 
     return Source(
@@ -468,7 +480,7 @@ def synthetic(root: Path | None, options: dict[str, Any]) -> Source:
         class_names=gen.class_names(spec),
         splits={split: (lambda split=split: samples(split)) for split in gen.SPLITS},
         sizes={split: spec.split_size(split) for split in gen.SPLITS},
-        options=spec.to_dict(),
+        options=spec.to_dict() | ({"drop": drop} if drop else {}),
     )
 
 

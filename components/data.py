@@ -69,6 +69,10 @@ class Manifest:
     format: int = MANIFEST_FORMAT
     options: dict[str, Any] = field(default_factory=dict)  # converter selection (level, spec, ...)
     unreadable: int = 0  # source images that could not be decoded and were left out at build time
+    version: int = 1  # 1 for a fresh build, +1 per append (older manifests have none: 1)
+    # per append: {"version", "options" (with the drop's root), "samples", "unreadable"}; where each
+    # drop came from, while `options` stays the set's own (what a rebuild of version 1 would use)
+    appends: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1, sort_keys=True)
@@ -103,7 +107,12 @@ def parse_manifest(text: str, uri: str) -> Manifest:
                                      int(entry["bytes"])))
         except (KeyError, TypeError, ValueError):
             raise ShardError(f"{uri}: shards[{index}] = {entry!r}; expected name, count, sha256, bytes") from None
-    known = set(expected) | {"format", "options", "unreadable"}
+    version = raw.get("version", 1)
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise ShardError(f"{uri}: field 'version' = {version!r}; expected an integer >= 1")
+    if not isinstance(raw.get("appends", []), list):
+        raise ShardError(f"{uri}: field 'appends' = {raw['appends']!r}; expected a list")
+    known = set(expected) | {"format", "options", "unreadable", "version", "appends"}
     manifest = Manifest(**{k: v for k, v in raw.items() if k in known} | {"shards": shards})
     if sum(s.count for s in shards) != manifest.total:
         raise ShardError(f"{uri}: total {manifest.total} != sum of shard counts {sum(s.count for s in shards)}")
