@@ -13,14 +13,17 @@ import sys
 from lcr_core.errors import LCRError
 
 STEPS = {
-    "demo": ("components.demo", "generate data, pretrain, evaluate: the whole job on this machine"),
+    "demo": ("pipeline.demo", "the pipeline on this machine: synthetic shards, pretrain, evaluate, promote"),
     "shards": ("components.shards", "build or verify WebDataset shards"),
+    "check-shards": ("components.check_shards", "is the train manifest newer than the champion's? (the "
+                                                "pipeline's first step)"),
     "pretrain": ("components.pretrain", "self-supervised pretraining on Ray Train"),
     "tune": ("components.tune", "Ray Tune over K and nu (any config field): one pretraining run per trial"),
     "retrieve": ("components.retrieve", "leave-one-out retrieval on the test split"),
     "probe": ("components.probe", "linear probes at several label fractions"),
     "report": ("components.report", "attention and retrieval figures of test images, as an HTML page"),
     "register": ("components.register", "register the encoder in MLflow; champion only if it beats the champion"),
+    "pipeline": ("pipeline.cli", "the Kubeflow pipeline: compile, run --local, submit, schedule"),
 }
 
 

@@ -220,12 +220,16 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
                                          "(default: the shards the model was trained on)")
     parser.add_argument("--pooling", nargs="+", choices=POOLINGS,
                         help="embeddings to evaluate (default: the variant's test-time pooling and gap)")
+    add_loader_arguments(parser)
+    parser.add_argument("--experiment", help="MLflow experiment (default: the model's mlflow_experiment)")
+    parser.add_argument("--run-id", help="log into this MLflow run instead of a new one")
+
+
+def add_loader_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=None,
                         help="data loader processes (default: the config's loader_workers)")
     parser.add_argument("--cache-dir", default=DEFAULT_CACHE_DIR, help="where features are cached as Parquet")
-    parser.add_argument("--experiment", help="MLflow experiment (default: the model's mlflow_experiment)")
-    parser.add_argument("--run-id", help="log into this MLflow run instead of a new one")
 
 
 @dataclass
@@ -239,13 +243,19 @@ class EvaluationSetup:
 
 
 def setup_from_args(args: argparse.Namespace) -> EvaluationSetup:
-    if args.batch_size < 1:
-        raise EvaluationError(f"--batch-size {args.batch_size}: expected an integer >= 1")
-    model = load_model(args.model)
-    poolings = check_poolings(model, args.pooling or default_poolings(model))
-    workers = model.cfg.loader_workers if args.workers is None else args.workers
-    return EvaluationSetup(model, args.shards or model.cfg.shards, poolings, args.batch_size, workers,
-                           args.cache_dir)
+    return evaluation_setup(args.model, args.shards, args.pooling, args.batch_size, args.workers, args.cache_dir)
+
+
+def evaluation_setup(model_ref: str, shards: str | None = None, poolings: list[str] | None = None,
+                     batch_size: int = 64, workers: int | None = None,
+                     cache_dir: str = DEFAULT_CACHE_DIR) -> EvaluationSetup:
+    """The model and where to evaluate it; the defaults are the model's own shards, poolings and loader."""
+    if batch_size < 1:
+        raise EvaluationError(f"--batch-size {batch_size}: expected an integer >= 1")
+    model = load_model(model_ref)
+    poolings = check_poolings(model, poolings or default_poolings(model))
+    workers = model.cfg.loader_workers if workers is None else workers
+    return EvaluationSetup(model, shards or model.cfg.shards, poolings, batch_size, workers, cache_dir)
 
 
 @contextmanager

@@ -3,9 +3,10 @@
 Inside Ray each of these mistakes costs a cluster start and surfaces as 45 to 110 lines of traceback
 from every rank (or, for more workers than the cluster holds, as a wait that never ends): a missing
 manifest, a batch larger than the data set, weights that do not fit the backbone, a resumed run with
-another model, an unwritable `storage_path`, an empty path, a NaN. Each check raises an LCRError of
-one line naming the field and what was expected. `check_resources` alone needs the cluster: the
-driver calls it once connected, before it starts the workers.
+another model, an `init_from` that cannot be read or has another architecture, an unwritable
+`storage_path`, an empty path, a NaN. Each check raises an LCRError of one line naming the field and
+what was expected. `check_resources` alone needs the cluster: the driver calls it once connected,
+before it starts the workers.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import ray
 
-from components import data, storage, tracking
+from components import data, storage, tracking, warm_start
 from components.checkpoint import check_resumable, checkpoint_dirs, newest_readable
 from lcr_core.backbones import build_backbone
 from lcr_core.config import LCRConfig, warn_queue_exceeds_dataset
@@ -82,9 +83,10 @@ def check_shards(cfg: LCRConfig) -> None:
 
 def check_weights(cfg: LCRConfig) -> None:
     """The initial weights load into the backbone; weights in object storage are fetched to a
-    temporary file for it (every worker fetches its own copy later)."""
+    temporary file for it (every worker fetches its own copy later). With `init_from` they are not
+    loaded, so not checked either."""
     weights = cfg.backbone_weights
-    if weights is None:
+    if weights is None or cfg.init_from is not None:
         return
     if not storage.is_s3(weights):
         load_weights(cfg.backbone, weights, weights)
@@ -132,10 +134,7 @@ def check_resume(cfg: LCRConfig) -> None:
     written with the same model (`checkpoint.RESUME_FIXED_FIELDS`). Damaged ones are skipped here
     without a word; the workers warn about them when they skip them too."""
     run = storage.join(cfg.storage_path, cfg.run_name)
-    try:
-        names = checkpoint_dirs(storage.list_dirs(run))
-    except storage.NotFound:
-        return
+    names = run_checkpoints(cfg)
     if not names:
         return
     found = newest_readable(names, lambda name: tracking.read_checkpoint(storage.join(run, name))[1],
@@ -144,6 +143,27 @@ def check_resume(cfg: LCRConfig) -> None:
         raise LCRError(f"run {cfg.run_name!r}: no checkpoint in {run} reads back whole; expected at least one "
                        "intact checkpoint (or a new run_name to start afresh)")
     check_resumable(found[1]["config"], cfg.to_dict(), storage.join(run, found[0]))
+
+
+def run_checkpoints(cfg: LCRConfig) -> list[str]:
+    """The checkpoint folders of the run, newest first; none for a new run."""
+    try:
+        return checkpoint_dirs(storage.list_dirs(storage.join(cfg.storage_path, cfg.run_name)))
+    except storage.NotFound:
+        return []
+
+
+def warm_start_source(cfg: LCRConfig) -> warm_start.WarmStart | None:
+    """`init_from`'s weights for a new run, read once and checked against the run's architecture;
+    None without init_from, or when the run resumes from its own checkpoint (which wins, with a notice)."""
+    if cfg.init_from is None:
+        return None
+    if run_checkpoints(cfg):
+        print(f"init_from {cfg.init_from} ignored: run {cfg.run_name} resumes from its own checkpoint", flush=True)
+        return None
+    source = warm_start.read_source(cfg.init_from)
+    warm_start.check_compatible(source, cfg)
+    return source
 
 
 # ---------------------------------------------------------------------------------------------

@@ -24,6 +24,10 @@ the run beforehand (so that every restart logs into the same run), logs the conf
 and closes it: FINISHED, FAILED, or KILLED on Ctrl-C. A run that a killed driver left RUNNING is
 continued by the next driver with the same `run_name` and `storage_path`.
 
+A new run with `init_from` starts from that model's weights (a warm start, see `components.warm_start`):
+the driver reads them before Ray starts, rank 0 loads them from Ray's object store, and DDP copies
+them to the other ranks; the MLflow run's `lcr.init_from*` tags name what was read.
+
 What can fail before training does is checked before Ray starts (`components.preflight`), and the
 driver prints the run's config. It shows rank 0's progress bar and `[lcr]` notices only; everything
 the workers and Ray Train's controller print goes to a log file (see `WorkerOutput`).
@@ -68,7 +72,7 @@ from ray.experimental import tqdm_ray
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, Result, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from components import data, preflight, storage, tracking
+from components import data, preflight, storage, tracking, warm_start
 from components.checkpoint import (
     CHECKPOINT_FILE,
     CHECKSUM_FILE,
@@ -115,6 +119,7 @@ NOTICE = "[lcr] "  # starts a line of a Ray process that the driver shows on the
 RAY_PRINTER = "ray_print_logs"  # Ray's handler that prints every forwarded line on the driver
 LOG_HANDLER = "lcr_worker_output"  # ours instead (`WorkerOutput`)
 COLLECTIVE_ERROR = re.compile(r"gloo|nccl", re.IGNORECASE)
+URI_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]+:")  # s3://, models:/, runs:/, init:, ...: not a local path
 ACTOR_PROCESS = re.compile(r"\bpid: (\d+)\s.*?\bip: (\S+)", re.DOTALL)  # in Ray's ActorDiedError message
 
 
@@ -165,16 +170,20 @@ def pretrain(cfg: LCRConfig, *, tags: dict[str, str] | None = None, callbacks: t
     preflight.check_config(cfg)
     cfg = with_absolute_paths(cfg)
     preflight.check_inputs(cfg)
+    source = preflight.warm_start_source(cfg)
     storage_path, filesystem = checkpoint_storage(cfg.storage_path)
     stand_in_for_missing_checkpoints(cfg, storage_path, filesystem)
     print(config_summary(cfg), end="", flush=True)
+    if source is not None:
+        print(source.describe(), flush=True)
     with ray_session(cfg):
         preflight.check_resources(cfg)
         uri = tracking.tracking_uri()
-        run_id = mlflow_run(uri, cfg, tags or {})
+        run_id = mlflow_run(uri, cfg, (tags or {}) | ({} if source is None else source.tags()))
         trainer = Trainer(
             train_loop_per_worker,
-            train_loop_config={"config": cfg.to_dict(), "tracking_uri": uri, "mlflow_run_id": run_id},
+            train_loop_config={"config": cfg.to_dict(), "tracking_uri": uri, "mlflow_run_id": run_id,
+                               "warm_start": None if source is None else ray.put(source.weights)},
             scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                          resources_per_worker=preflight.worker_resources(cfg)),
             run_config=RunConfig(name=cfg.run_name, storage_path=storage_path, storage_filesystem=filesystem,
@@ -251,8 +260,10 @@ def config_summary(cfg: LCRConfig) -> str:
     defaults, values = LCRConfig().to_dict(), without_secrets(cfg.to_dict())
     shown = {name: values[name] for name in ALWAYS_SHOWN} | {
         name: value for name, value in values.items() if value != defaults.get(name)}
+    ignored = ("# backbone_weights is not loaded: init_from's weights replace it\n"
+               if cfg.init_from is not None and cfg.backbone_weights is not None else "")
     return (f"# run {cfg.run_name}: the config fields that differ from the defaults\n"
-            + yaml.safe_dump(shown, sort_keys=False))
+            + yaml.safe_dump(shown, sort_keys=False) + ignored)
 
 
 def without_secrets(values: dict[str, Any]) -> dict[str, Any]:
@@ -305,10 +316,12 @@ def log_params(uri: str, run_id: str, cfg: LCRConfig) -> None:
 def with_absolute_paths(cfg: LCRConfig) -> LCRConfig:
     """Workers may run in another directory: local paths are made absolute (URIs stay as they are)."""
     def absolute(path: str | None) -> str | None:
-        return path if path in (None, IMAGENET) or "://" in path else str(Path(path).resolve())
+        if path in (None, IMAGENET) or URI_SCHEME.match(path):
+            return path
+        return str(Path(path).resolve())
 
     return replace(cfg, shards=absolute(cfg.shards), storage_path=absolute(cfg.storage_path),
-                   backbone_weights=absolute(cfg.backbone_weights))
+                   backbone_weights=absolute(cfg.backbone_weights), init_from=absolute(cfg.init_from))
 
 
 def checkpoint_storage(storage_path: str) -> tuple[str, pyarrow.fs.FileSystem | None]:
@@ -571,6 +584,8 @@ def build_worker(cfg: LCRConfig, rank: int, world_size: int, loop_config: dict[s
     device = ray.train.torch.get_device()
     seed_everything(cfg.seed + rank)  # the weights start alike anyway: DDP copies rank 0's
     model = build_model(with_local_weights(cfg))
+    if rank == 0 and loop_config["warm_start"] is not None and ray.train.get_checkpoint() is None:
+        warm_start.load_weights(model, ray.get(loop_config["warm_start"]))  # DDP copies them to the other ranks
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     model = ray.train.torch.prepare_model(model)
@@ -591,7 +606,10 @@ def seed_everything(seed: int) -> None:
 
 
 def with_local_weights(cfg: LCRConfig) -> LCRConfig:
-    """Initial backbone weights in object storage are fetched to a local file first."""
+    """Initial backbone weights in object storage are fetched to a local file first; with `init_from`
+    none are loaded: its weights (or, on resume, the checkpoint's) replace them."""
+    if cfg.init_from is not None:
+        return replace(cfg, backbone_weights=None)
     if cfg.backbone_weights is None or not storage.is_s3(cfg.backbone_weights):
         return cfg
     local = Path(tempfile.mkdtemp(prefix="lcr-weights-")) / storage.name_of(cfg.backbone_weights)

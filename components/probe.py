@@ -104,8 +104,9 @@ def run_probes(setup: EvaluationSetup, model_ref: str, fractions: list[float], s
     features = probe_features(setup)
     results = [probe_fraction(f, fraction, seed) for f in features.values() for fraction in fractions]
     with evaluation_run(setup.model, "probe", model_ref, run_id, experiment) as logger:
+        # No fractions here: they are in the metrics' names, and probes of other fractions may log
+        # into the same run at the same time (the pipeline's), where a param cannot change.
         logger.log_params({"probe.model": model_ref, "probe.shards": setup.shards, "probe.seed": str(seed),
-                           "probe.fractions": " ".join(map(str, fractions)),
                            "probe.poolings": " ".join(setup.poolings)})
         metrics = {}
         for r in results:

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import getpass
-import hashlib
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -44,14 +43,14 @@ from mlflow.exceptions import MlflowException
 
 from components import storage, tracking
 from components.data import Manifest, read_manifest
-from components.features import DEFAULT_CACHE_DIR, EvaluationSetup, load_model
-from components.retrieve import retrieve
+from components.features import DEFAULT_CACHE_DIR, EvaluationSetup, add_loader_arguments, evaluation_setup
+from components.retrieve import CHECKSUM_TAG, manifest_checksum, retrieve
 from lcr_core.errors import LCRError
 from lcr_core.model import LCRModel
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 FIGURES = ("rank1", "rank5", "mAP")
-CHECKSUM_TAG = "lcr.test_manifest_sha256"  # on a run: the test split its retrieval metrics were computed on
+TRAIN_CHECKSUM_TAG = "lcr.train_manifest_sha256"  # on a version: the train split its model was trained on
 RANK1_TAG = "lcr.rank1"  # a version carrying it was evaluated by `lcr register`
 FORCED_TAG = "lcr.forced_by"
 MAX_ROUNDS = 20  # alias writes before giving up on a registry that keeps changing under us
@@ -85,10 +84,6 @@ class Decision:
 
 def now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
-
-
-def manifest_checksum(manifest: Manifest) -> str:
-    return hashlib.sha256(manifest.to_json().encode()).hexdigest()
 
 
 def train_checksum(model: LCRModel) -> str:
@@ -141,12 +136,11 @@ def evaluate(setup: EvaluationSetup, ref: str, checksum: str, source_run: str | 
     """(figures, the run holding them, how they were obtained): reused from the source run when it
     has them for this test manifest, else computed by `lcr retrieve`'s code into our own run (a new
     one when the model comes from another step's run, whose parameters must not change), which is
-    then tagged with the checksum."""
+    tagged with the checksum."""
     pooling = setup.poolings[0]
     if source_run and (figures := logged_figures(source_run, pooling, checksum)):
         return figures, source_run, "reused"
-    result = retrieve(setup, tracking.without_credentials(ref), own_run, experiment)
-    mlflow.MlflowClient(tracking.tracking_uri()).set_tag(result.mlflow_run_id, CHECKSUM_TAG, checksum)
+    result = retrieve(setup, tracking.without_credentials(ref), own_run, experiment)  # tags the checksum
     return {name: float(result.metrics[pooling][name]) for name in FIGURES}, result.mlflow_run_id, "computed"
 
 
@@ -283,7 +277,7 @@ def evaluation_tags(model: LCRModel, shards: str, test: Manifest, figures: dict[
     run_id, how, source_run = evaluated
     tags = {"lcr.variant": model.cfg.variant, "lcr.dataset": test.dataset, "lcr.pooling": model.cfg.test_pooling,
             "lcr.test_shards": tracking.without_credentials(shards), CHECKSUM_TAG: manifest_checksum(test),
-            "lcr.train_manifest_sha256": train_checksum(model), "lcr.test_queries": str(test.total),
+            TRAIN_CHECKSUM_TAG: train_checksum(model), "lcr.test_queries": str(test.total),
             "lcr.figures": how, "lcr.evaluation_run": run_id, "lcr.source_run": source_run,
             **{f"lcr.{name}": repr(value) for name, value in figures.items()}}
     if force:
@@ -334,9 +328,8 @@ def register(ref: str, name: str, shards: str | None = None, *, force: bool = Fa
         raise RegistryError(f"--name {name!r}: expected letters, digits, '.', '_' or '-' (it goes into "
                             "models:/NAME@champion)")
     mlflow.set_tracking_uri(tracking.tracking_uri())
-    model = load_model(ref)
-    setup = EvaluationSetup(model, shards or model.cfg.shards, [model.cfg.test_pooling], batch_size,
-                            model.cfg.loader_workers if workers is None else workers, cache_dir)
+    setup = evaluation_setup(ref, shards, None, batch_size, workers, cache_dir)
+    setup = replace(setup, poolings=[setup.model.cfg.test_pooling])  # what the registered pyfunc serves
     test = read_manifest(storage.join(setup.shards, "test"))
     client = mlflow.MlflowClient(tracking.tracking_uri())
     with registry_errors(name):
@@ -387,16 +380,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                          "(default: the shards the model was trained on)")
     parser.add_argument("--force", action="store_true",
                         help="make this version champion regardless of its figures (recorded with your user name)")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--workers", type=int, default=None,
-                        help="data loader processes (default: the config's loader_workers)")
-    parser.add_argument("--cache-dir", default=DEFAULT_CACHE_DIR, help="where features are cached as Parquet")
+    add_loader_arguments(parser)
     parser.add_argument("--experiment", help="MLflow experiment of the runs (default: the model's mlflow_experiment)")
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.batch_size < 1:
-        raise RegistryError(f"--batch-size {args.batch_size}: expected an integer >= 1")
     result = register(args.model, args.name, args.shards, force=args.force, batch_size=args.batch_size,
                       workers=args.workers, cache_dir=args.cache_dir, experiment=args.experiment)
     print(f"model {args.name} version {result.version}: {result.decision.reason}")

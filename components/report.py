@@ -8,9 +8,6 @@ GFB projections of highest and lowest variance over the sample (appendix B); the
 examples: each image as a query with its top 5 among all other test images (green = same class,
 red = not). PNG figures (matplotlib's Agg renderer) and one `index.html` that shows them next to the retrieval
 metrics; all of it logged to MLflow under `report/`.
-
-`evaluate` runs retrieval, the linear probes and this report into one MLflow run and returns the
-summary table that `lcr demo` prints.
 """
 
 from __future__ import annotations
@@ -37,8 +34,8 @@ from components.features import (
     setup_from_args,
     split_features,
 )
-from components.probe import FractionResult, percent, run_probes
-from components.retrieve import KS, evaluate_retrieval, retrieve
+from components.probe import FractionResult, percent
+from components.retrieve import KS, evaluate_retrieval
 from lcr_core.augment import IMAGENET_MEAN, IMAGENET_STD
 from lcr_core.losses import normalize_attention
 from lcr_core.model import LCRModel
@@ -247,7 +244,7 @@ def report(setup: EvaluationSetup, model_ref: str, out_dir: str | Path, num_imag
 
 
 # ---------------------------------------------------------------------------------------------
-# Everything at once (what `lcr demo` ends with)
+# The summary table (what `lcr demo` ends with)
 
 def summary_row(name: str, retrieval: dict, accuracies: list[dict], prefix: str = "") -> str:
     """rank-1, rank-5, mAP, then top-1 / top-5 per label fraction, in percent."""
@@ -266,16 +263,6 @@ def summary_table(retrieval: dict[str, dict], probes: list[FractionResult]) -> s
     first = next(iter(retrieval))
     lines.append(summary_row("chance", retrieval[first], [accuracy[first, f] for f in fractions], "chance_"))
     return "\n".join(lines)
-
-
-def evaluate(setup: EvaluationSetup, model_ref: str, fractions: list[float], out_dir: str | Path,
-             seed: int = 0, experiment: str | None = None) -> tuple[str, Report]:
-    """Retrieval, linear probes and the report into one MLflow run; returns (summary table, report)."""
-    with evaluation_run(setup.model, "evaluate", model_ref, None, experiment) as logger:
-        retrieval = retrieve(setup, model_ref, logger.run_id)
-        probes, _ = run_probes(setup, model_ref, fractions, seed, logger.run_id)
-        result = report(setup, model_ref, out_dir, seed=seed, run_id=logger.run_id)
-    return summary_table(retrieval.metrics, probes), result
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,12 +11,14 @@ Metrics go to MLflow as `retrieval/<pooling>/<metric>`.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from components import storage, tracking
+from components.data import Manifest, read_manifest
 from components.features import (
     EvaluationSetup,
     Features,
@@ -29,6 +31,11 @@ from components.features import (
 from lcr_core.metrics import chance_levels, retrieval_metrics
 
 KS = (1, 5)
+CHECKSUM_TAG = "lcr.test_manifest_sha256"  # on a run: the test split its retrieval metrics were computed on
+
+
+def manifest_checksum(manifest: Manifest) -> str:
+    return hashlib.sha256(manifest.to_json().encode()).hexdigest()
 
 
 @dataclass
@@ -55,6 +62,7 @@ def retrieve(setup: EvaluationSetup, model_ref: str, run_id: str | None = None,
                            "retrieve.poolings": " ".join(setup.poolings)})
         logger.log({f"retrieval/{pooling}/{name}": value for pooling, metrics in results.items()
                     for name, value in metrics.items()}, step=0)
+        logger.set_tag(CHECKSUM_TAG, manifest_checksum(read_manifest(test_uri)))
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp, "retrieval.json")
             path.write_text(json.dumps(results, indent=1))

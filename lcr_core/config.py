@@ -63,6 +63,12 @@ class LCRConfig:
     variant: str = "lcr"
     backbone: str = "resnet50"
     backbone_weights: str | None = None  # local path, s3:// URI, or `imagenet` (packaged); None = random init
+    # A warm start: a new run starts from this model's weights (`lcr retrieve --model` refs: models:/NAME@ALIAS,
+    # models:/NAME/VERSION, runs:/…, a checkpoint file or folder, a run folder runs/NAME; local or s3://).
+    # The architecture fields must match. It supersedes backbone_weights, which is then not loaded (the
+    # pipeline adds it on top of configs that start from ImageNet). A resumed run ignores it: its own
+    # checkpoint wins. See components/warm_start.py.
+    init_from: str | None = None
     allow_random_init: bool = True  # the paper configs set false: they mean an ImageNet start
     freeze_stages: int = 0  # leading backbone stages kept frozen (weights and BN statistics)
     embed_dim: int = 256
@@ -193,10 +199,13 @@ class LCRConfig:
         if self.backbone_weights == "imagenet" and self.backbone != "efficientnet_lite0":
             bad("backbone_weights", "a path or s3:// URI: packaged ImageNet weights exist only for "
                                     "efficientnet_lite0")
-        if self.backbone_weights is None and not self.allow_random_init:
+        if self.init_from is not None and (not isinstance(self.init_from, str) or not self.init_from.strip()):
+            bad("init_from", "a model reference (models:/NAME@ALIAS, runs:/…, a checkpoint or a run folder) or null")
+        if self.backbone_weights is None and self.init_from is None and not self.allow_random_init:
             bad("backbone_weights", "initial weights (a path, an s3:// URI, or 'imagenet' for "
                                     "efficientnet_lite0); this config starts from ImageNet like the paper "
-                                    "(set allow_random_init: true to start from random weights)")
+                                    "(set allow_random_init: true to start from random weights, or "
+                                    "init_from to start from a trained model)")
         if not 0.0 <= self.momentum < 1.0:
             bad("momentum", "a number in [0, 1)")
         if self.eval_resize < self.image_size:

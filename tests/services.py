@@ -3,12 +3,16 @@ answer, stopping by process group. Used by the fixtures in conftest.py and by be
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import socket
 import subprocess
+import threading
 import time
 import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
 def free_port() -> int:
@@ -38,3 +42,54 @@ def stop(proc: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+class Recorder:
+    """A loopback HTTP server that records every request and answers from `routes`: a list of
+    (method, path regex, handler); a handler gets (match, body) and returns (status, JSON body).
+    It stands in for APIs that cannot run here (Kubernetes, Kubeflow Pipelines): tests assert on
+    what a client sent and check how it handles the answers a real server gives."""
+
+    def __init__(self, routes):
+        self.requests: list[tuple[str, str, object]] = []
+        recorder = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def answer(self):
+                length = int(self.headers.get("Content-Length") or 0)
+                raw = self.rfile.read(length) if length else b""
+                body = json.loads(raw) if raw else None
+                recorder.requests.append((self.command, self.path, body))
+                for method, pattern, handler in routes:
+                    found = re.fullmatch(pattern, self.path.split("?")[0])
+                    if method == self.command and found:
+                        status, reply = handler(found, body)
+                        break
+                else:
+                    status, reply = 404, {"message": f"no route for {self.command} {self.path}"}
+                data = json.dumps(reply).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = answer
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+
+    def bodies(self, method: str, pattern: str) -> list:
+        return [body for m, path, body in self.requests if m == method and re.fullmatch(pattern, path.split("?")[0])]

@@ -25,8 +25,10 @@ from components.features import (
     split_features,
 )
 from components.probe import probe_features, probe_fraction, run_probes
-from components.report import evaluate
+from components.report import report
+from components.retrieve import CHECKSUM_TAG, manifest_checksum, retrieve
 from components.shards import build_shards
+from components.summary import pipeline_summary
 from lcr_core.config import LCRConfig
 from lcr_core.metrics import retrieval_metrics
 from lcr_core.model import build_model
@@ -183,15 +185,28 @@ def test_report_files_and_mlflow_artifacts(shards, checkpoint, tracking, tmp_pat
     assert logged == {f"report/{name}": (out / name).stat().st_size for name in ("index.html", *PNGS)}
 
 
-def test_evaluate_writes_one_run_and_a_summary_table(shards, checkpoint, tracking, tmp_path):
+def test_the_pipelines_steps_log_into_one_run_and_summarise(shards, checkpoint, tracking, tmp_path):
+    """As the pipeline does: retrieval, a probe per fraction (one after another, as parallel steps
+    would) and the report all into the training run, then the summary from the steps' JSON."""
     setup = setup_for(load_model(str(checkpoint)), shards, tmp_path / "cache")
-    table, report = evaluate(setup, str(checkpoint), [1.0, 0.5, 0.2], tmp_path / "report")
-    lines = table.splitlines()
-    assert lines[0].split()[:4] == ["pooling", "rank-1", "rank-5", "mAP"]
-    assert [line.split()[0] for line in lines[1:]] == ["attention", "gap", "chance"]
-    run = tracking.get_run(report.mlflow_run_id)
-    assert {"retrieval/attention/mAP", "probe/gap/top1_20pct"} <= set(run.data.metrics)
-    assert {a.path for a in tracking.list_artifacts(run.info.run_id)} >= {"retrieval", "probe", "report"}
+    run_id = tracking.create_run(tracking.create_experiment("pipeline-steps")).info.run_id
+    retrieval = retrieve(setup, str(checkpoint), run_id)
+    probes = [json.dumps([{"pooling": r.pooling, "fraction": r.fraction, "train_images": r.train_images,
+                           "accuracy": r.accuracy} for r in run_probes(setup, str(checkpoint), [f], run_id=run_id)[0]])
+              for f in (0.2, 1.0, 0.5)]
+    page = report(setup, str(checkpoint), tmp_path / "report", run_id=run_id).html
+    registration = json.dumps({"model": "m", "version": "3", "decision": "champion", "reason": "the first"})
+    text = pipeline_summary("eval-test", run_id, json.dumps(retrieval.metrics), probes, registration, str(page))
+    table = text.split("```")[1].strip().splitlines()
+    assert table[0].split() == ["pooling", "rank-1", "rank-5", "mAP", "top-1/5", "@100%", "top-1/5", "@50%",
+                                "top-1/5", "@20%"]
+    assert [line.split()[0] for line in table[1:]] == ["attention", "gap", "chance"]
+    assert float(table[1].split()[1]) == pytest.approx(100 * retrieval.metrics["attention"]["rank1"], abs=0.006)
+    assert "m version 3: **champion** (the first)" in text and str(page) in text
+    run = tracking.get_run(run_id)
+    assert {f"probe/gap/top1_{p}pct" for p in (20, 50, 100)} | {"retrieval/attention/mAP"} <= set(run.data.metrics)
+    assert run.data.tags[CHECKSUM_TAG] == manifest_checksum(read_manifest(f"{shards}/test"))
+    assert {a.path for a in tracking.list_artifacts(run_id)} >= {"retrieval", "probe", "report"}
 
 
 # ---------------------------------------------------------------------------------------------

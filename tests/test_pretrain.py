@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import re
-import shlex
 import shutil
 import signal
 import subprocess
@@ -34,6 +33,7 @@ from ray.job_submission import JobStatus, JobSubmissionClient
 
 from components import checkpoint, tracking
 from components.checkpoint import CHECKPOINT_FILE
+from components.launch import LaunchError, Target, launch
 from components.pretrain import MODEL_URI_TAG, RAY_SNAPSHOT, PretrainError, pretrain
 from components.shards import build_shards
 from lcr_core.config import load_config
@@ -345,26 +345,40 @@ def test_a_damaged_latest_checkpoint_is_skipped_on_resume(midway, shards, uninte
     assert same_weights(root / "weights-third", whole)
 
 
-def test_a_job_submitted_to_the_cluster_succeeds(ray_cluster, shards, tmp_path):
-    overrides = [*TINY, f"shards={shards}", "epochs=1", "run_name=job", f"storage_path={tmp_path / 'runs'}"]
-    client = JobSubmissionClient(ray_cluster.dashboard)
-    job = client.submit_job(
-        entrypoint=shlex.join([str(VENV_BIN / "python"), "-m", "components.cli", "pretrain", *overrides]),
-        runtime_env={"env_vars": {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}})
-    deadline = time.monotonic() + 300
-    while not (status := client.get_job_status(job)).is_terminal():
-        assert time.monotonic() < deadline, "job still running after 300 s"
-        time.sleep(2)
-    logs = client.get_job_logs(job)
-    assert status == JobStatus.SUCCEEDED, logs[-3000:]
-    assert f"checkpoint: {tmp_path / 'runs' / 'job'}/checkpoint_{STEPS_PER_EPOCH:08d}" in logs
+def test_a_job_submitted_to_the_cluster_succeeds(ray_cluster, shards, tmp_path, monkeypatch):
+    """The pipeline's `ray-job` mode: `lcr pretrain` submitted to the job server, polled, and its
+    result read back from MLflow."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    cfg = load_config(None, [*TINY, f"shards={shards}", "epochs=1", "run_name=job",
+                             f"storage_path={tmp_path / 'runs'}"])
+    target = Target("ray-job", ray_cluster.dashboard, command=f"{VENV_BIN / 'python'} -m components.cli",
+                    poll_s=1, timeout_s=300)
+    result = launch(cfg, target)
+    assert result.checkpoint_uri == str(tmp_path / "runs" / "job" / f"checkpoint_{STEPS_PER_EPOCH:08d}")
     store = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
-    (run,) = store.search_runs([store.get_experiment_by_name("lcr").experiment_id])
-    assert run.info.status == "FINISHED" and run.data.tags["lcr.model_uri"].startswith("models:/")
+    run = store.get_run(result.mlflow_run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["lcr.model_uri"] == result.model_uri
+    assert result.model_uri.startswith("models:/")
     assert len(history(store, run.info.run_id, "loss")) == STEPS_PER_EPOCH
     # Artefacts sit beside the database, not in the working directory of whichever process logged.
     run_artifacts = tmp_path / "mlartifacts" / "lcr" / run.info.run_id / "artifacts"
     assert (run_artifacts / "checkpoint" / "checkpoint.pt").is_file()
+    (job,) = [j for j in JobSubmissionClient(ray_cluster.dashboard).list_jobs()
+              if (j.metadata or {}).get("lcr.run_name") == "job"]
+    assert job.status == JobStatus.SUCCEEDED and "pretrain" in job.entrypoint and "AWS_SECRET" not in job.entrypoint
+
+
+def test_a_failing_job_fails_the_launch_with_its_last_log_lines(ray_cluster, shards, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    cfg = tiny_config(shards, "epochs=1", "run_name=job-fails", "max_failures=0", f"storage_path={tmp_path / 'runs'}",
+                      fail_at_step=1, fail_marker=str(tmp_path / "failed"))
+    target = Target("ray-job", ray_cluster.dashboard, command=f"{VENV_BIN / 'python'} -m components.cli",
+                    poll_s=1, timeout_s=300)
+    with pytest.raises(LaunchError) as failed:
+        launch(cfg, target)
+    message = str(failed.value)
+    assert re.match(r"Ray job job-fails-\d{8}-\d{6} FAILED; its last log lines:\n", message), message
+    assert "injected failure after global step 1" in message and len(message.splitlines()) <= 21
 
 
 # ---------------------------------------------------------------------------------------------
@@ -470,16 +484,20 @@ def test_a_worker_killed_with_sigkill_is_named_in_the_error(ray_cluster, shards,
     killed = []
 
     def kill_a_worker() -> None:
-        pids = wait_for(lambda: len(found := train_workers(ray_cluster.session)) == 2 and found, 300)
-        time.sleep(5)  # training under way
-        os.kill(pids[-1], signal.SIGKILL)
-        killed.append(pids[-1])
+        try:
+            pids = wait_for(lambda: len(found := train_workers(ray_cluster.session)) >= 2 and found, 300)
+            time.sleep(5)  # training under way
+            os.kill(pids[-1], signal.SIGKILL)
+            killed.append(pids[-1])
+        except AssertionError as failure:  # a thread's exception is otherwise lost: reported below
+            killed.append(failure)
 
     killer = threading.Thread(target=kill_a_worker, daemon=True)
     killer.start()
     with pytest.raises(PretrainError) as err:
         pretrain(cfg)
     killer.join()
+    assert isinstance(killed[0], int), f"no worker was killed: {killed[0]!r}"
     assert re.fullmatch(rf"run 'killed-worker' failed: worker rank [01] died \(process {killed[0]} on \S+ ended "
                         r"without a Python error: killed, e\.g\. by SIGKILL or the OOM killer, or crashed\)",
                         str(err.value)), str(err.value)

@@ -1,11 +1,14 @@
-"""`lcr demo`: the main job end to end on this machine, on the embedded defaults.
+"""`lcr demo`: the pipeline end to end on this machine, on the embedded defaults.
 
     synthetic fine-grained set -> WebDataset shards (local folder)
-      -> LCR pretraining on Ray Train (local Ray, 2 gloo workers) logged to MLflow (SQLite)
-      -> retrieval + linear probes at 100/50/20 % labels + attention report
-      -> one summary table: LCR pooling next to GAP pooling of the same weights.
+      -> the Kubeflow pipeline with kfp's local runner (pipeline/pipeline.py):
+         check-new-shards -> LCR pretraining on local Ray Train (2 gloo workers), MLflow on SQLite
+         -> retrieval, linear probes at 100/50/20 % labels, attention report
+         -> register + gated promotion (models:/lcr-demo@champion) -> summary
 
-Every piece is the same step a cluster runs; only the defaults differ.
+Every piece is the step a cluster runs; only the defaults differ. A demo always trains (a second one
+starts from the first one's champion and must beat it to take the alias); a scheduled pipeline
+trains only when the shards are new.
 """
 
 from __future__ import annotations
@@ -14,17 +17,13 @@ import argparse
 import time
 from pathlib import Path
 
-from components import storage
+from components import storage, tracking
 from components.data import read_manifest
-from components.features import EvaluationSetup, default_poolings, load_model
-from components.pretrain import pretrain
-from components.report import evaluate
 from components.shards import build_shards
 from lcr_core.config import LCRConfig, load_config
 from lcr_core.errors import LCRError
 from lcr_core.synthetic import SyntheticSpec
-
-FRACTIONS = [1.0, 0.5, 0.2]
+from pipeline.cli import DEFAULT_ROOT, run_local
 
 
 def demo_spec(cfg: LCRConfig, num_classes: int, train_per_class: int, test_per_class: int,
@@ -58,30 +57,27 @@ def _spec_of(manifest) -> SyntheticSpec | None:
         return None
 
 
-def run_demo(cfg: LCRConfig, spec: SyntheticSpec, report_dir: str | Path) -> str:
+def demo_params(cfg: LCRConfig, config: str, overrides: list[str], model_name: str) -> dict:
+    return {"shards": str(Path(cfg.shards).resolve()), "config": config, "overrides": overrides,
+            "mlflow_uri": tracking.tracking_uri(), "model_name": model_name, "run_prefix": cfg.run_name,
+            "mode": "local", "always_train": True, "warm_start": True,
+            "cache_dir": str(Path(cfg.storage_path, "features").resolve())}
+
+
+def run_demo(cfg: LCRConfig, spec: SyntheticSpec, params: dict, root: str) -> str:
     started = time.monotonic()
-    print(f"[1/3] shards: synthetic {spec.family} set, {spec.num_classes} classes, at {cfg.shards}")
+    print(f"shards: synthetic {spec.family} set, {spec.num_classes} classes, at {cfg.shards}", flush=True)
     ensure_shards(cfg, spec)
-    print(f"[2/3] pretrain: {cfg.variant} on Ray Train, {cfg.num_workers} workers, {cfg.epochs} epochs")
-    result = pretrain(cfg)
-    print(f"[3/3] evaluate: retrieval, linear probes at {', '.join(f'{f:.0%}' for f in FRACTIONS)}, report")
-    model = load_model(result.model_uri or result.checkpoint_uri)
-    setup = EvaluationSetup(model, cfg.shards, default_poolings(model), batch_size=128,
-                            workers=cfg.loader_workers, cache_dir=str(Path(cfg.storage_path) / "features"))
-    table, report = evaluate(setup, result.model_uri or result.checkpoint_uri, FRACTIONS, report_dir,
-                             seed=cfg.seed, experiment=cfg.mlflow_experiment)
-    minutes = (time.monotonic() - started) / 60
+    print(f"pipeline: {cfg.variant} on local Ray Train ({cfg.num_workers} workers, {cfg.epochs} epochs), then "
+          f"evaluation and promotion to {params['model_name']}@champion", flush=True)
+    summary = run_local(params, root)
+    store = params["mlflow_uri"].removeprefix("sqlite:///")
     return "\n".join([
         "",
-        f"{cfg.variant} on the synthetic set ({spec.num_classes} classes; retrieval over the test split, "
-        f"linear probes on train subsets), in %:",
-        table,
+        summary,
         "",
-        f"MLflow: pretraining run {result.mlflow_run_id}, evaluation run {report.mlflow_run_id} "
-        f"(`mlflow ui --backend-store-uri sqlite:///mlflow.db` to browse)",
-        f"model: {result.model_uri}",
-        f"report: {report.html.resolve()}",
-        f"done in {minutes:.1f} min",
+        f"MLflow UI: mlflow ui --backend-store-uri sqlite:///{store}",
+        f"done in {(time.monotonic() - started) / 60:.1f} min",
     ])
 
 
@@ -92,12 +88,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--test-per-class", type=int, default=20)
     parser.add_argument("--family", default="bird", help="synthetic object family: bird (the recipe was "
                                                           "tuned on it) or beetle (held out to validate it)")
-    parser.add_argument("--report", default="reports/demo", help="folder for the attention report")
+    parser.add_argument("--model-name", default="lcr-demo", help="the registered model (default: lcr-demo)")
+    parser.add_argument("--root", default=DEFAULT_ROOT, help="where the pipeline's artefacts go")
     parser.add_argument("overrides", nargs="*", metavar="FIELD=VALUE", help="config overrides, e.g. epochs=2")
 
 
 def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     spec = demo_spec(cfg, args.classes, args.train_per_class, args.test_per_class, args.family)
-    print(run_demo(cfg, spec, args.report))
+    params = demo_params(cfg, args.config, args.overrides, args.model_name)
+    print(run_demo(cfg, spec, params, args.root))
     return 0
