@@ -10,6 +10,7 @@ model or changed shards never reuse stale features.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hashlib
 import itertools
 import json
@@ -176,10 +177,22 @@ def split_features(model: LCRModel, split_uri: str, poolings: list[str], *, batc
     model_hash = model_hash or model_fingerprint(model)
     paths = {p: Path(cache_dir, features_fingerprint(model_hash, p, manifest) + ".parquet") for p in poolings}
     found = {p: read_features(path) for p, path in paths.items() if path.is_file()}
-    missing = [p for p in poolings if p not in found]
-    if missing:
-        found.update(_embed(model, split_uri, manifest, missing, paths, batch_size, workers))
+    if len(found) < len(poolings):
+        # Steps running at once (the pipeline's probes) wait for one pass instead of each making its own.
+        with cache_lock(Path(cache_dir), model_hash):
+            found = {p: read_features(path) for p, path in paths.items() if path.is_file()}
+            missing = [p for p in poolings if p not in found]
+            if missing:
+                found.update(_embed(model, split_uri, manifest, missing, paths, batch_size, workers))
     return {p: found[p] for p in poolings}
+
+
+@contextmanager
+def cache_lock(cache_dir: Path, model_hash: str) -> Iterator[None]:
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with open(cache_dir / f".{model_hash}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def _embed(model: LCRModel, split_uri: str, manifest: Manifest, poolings: list[str], paths: dict[str, Path],

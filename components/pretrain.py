@@ -145,14 +145,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="config overrides, e.g. epochs=2 num_workers=2 storage_path=s3://bucket/runs")
     parser.add_argument("--print-config", action="store_true",
                         help="print the resolved, validated config as YAML and exit (Ray is not started)")
+    from components.launch import add_target_arguments  # (components.launch imports this module)
+
+    add_target_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
+    from components.launch import launch, target_from_args
+
     cfg = load_config(args.config, args.overrides)
     if args.print_config:
         print(config_yaml(cfg), end="")
         return 0
-    result = pretrain(cfg)
+    result = launch(cfg, target_from_args(args))
     print(f"run {result.run_name}: MLflow run {result.mlflow_run_id}")
     print(f"checkpoint: {result.checkpoint_uri}")
     print(f"model: {result.model_uri}")

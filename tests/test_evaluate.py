@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import json
 import tarfile
+import threading
+import time
 from pathlib import Path
 
 import mlflow
@@ -14,6 +16,7 @@ import torch
 from PIL import Image
 
 from components import cli
+from components import features as features_module
 from components.checkpoint import Progress, load_checkpoint, rng_state, save_checkpoint, training_state
 from components.data import eval_loader, read_manifest
 from components.features import (
@@ -183,6 +186,30 @@ def test_report_files_and_mlflow_artifacts(shards, checkpoint, tracking, tmp_pat
     run = last_run(tracking, "eval-test-report")
     logged = {a.path: a.file_size for a in tracking.list_artifacts(run.info.run_id, "report")}
     assert logged == {f"report/{name}": (out / name).stat().st_size for name in ("index.html", *PNGS)}
+
+
+def test_steps_embedding_at_once_share_one_pass(shards, checkpoint, tmp_path, monkeypatch):
+    """Parallel pipeline steps (three probes) ask for the same features: one embeds, the others wait
+    for its cache file instead of each running the encoder."""
+    passes, embed = [], features_module._embed
+
+    def slow_embed(*args):
+        passes.append(1)
+        time.sleep(0.5)  # long enough for the other steps to arrive while it runs
+        return embed(*args)
+
+    monkeypatch.setattr(features_module, "_embed", slow_embed)
+    model = load_model(str(checkpoint))
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(
+        split_features(model, f"{shards}/test", ["gap"], batch_size=5, cache_dir=tmp_path)["gap"]))
+        for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(passes) == 1 and len(results) == 3
+    assert all(np.array_equal(r.embeddings, results[0].embeddings) for r in results)
 
 
 def test_the_pipelines_steps_log_into_one_run_and_summarise(shards, checkpoint, tracking, tmp_path):

@@ -1,7 +1,8 @@
 """The deployment files: infra/ (Docker image, KubeRay, MLflow, MinIO, kustomization) and ray_cluster.yaml.
 
-Everything here runs offline and in seconds (the check-then-train script test runs `lcr pretrain
---print-config`, a few seconds of imports). What validates what:
+Everything here runs offline and in seconds, but the check-then-train script, which trains a tiny
+model on local Ray and registers it in a SQLite MLflow store for real (a minute or two). What
+validates what:
 
 - ray_cluster.yaml: Ray's own cluster-launcher validator, `validate_config(prepare_config(cfg))`
   (private API of Ray 2.60; for provider `aws`, `prepare_config` only merges Ray's bundled
@@ -29,7 +30,6 @@ from __future__ import annotations
 import copy
 import fnmatch
 import functools
-import hashlib
 import os
 import re
 import shlex
@@ -42,8 +42,13 @@ import zoneinfo
 from pathlib import Path
 from typing import Any
 
+import mlflow
 import pytest
 import yaml
+
+from components.data import read_manifest
+from components.retrieve import manifest_checksum
+from components.shards import build_shards
 
 REPO = Path(__file__).resolve().parents[1]
 INFRA = REPO / "infra"
@@ -645,49 +650,39 @@ def test_runtime_env_holds_no_secret():
 # The check-then-train script, run for real against local folders
 
 
-def run_script(script: Path, *args: str, python: str = sys.executable) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHON": python, "RAY_AUTH_MODE": "disabled"}
-    return subprocess.run(["bash", str(script), *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+def run_script(script: Path, *args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(script), *args], cwd=REPO, env={**os.environ, **env}, capture_output=True,
+                          text=True, timeout=600)
 
 
-def test_check_then_train_script_trains_only_on_new_shards(tmp_path):
+@pytest.mark.slow
+def test_check_then_train_script_trains_registers_then_waits_for_new_shards(tmp_path):
+    """The script as the RayCronJob runs it, for real on a tiny synthetic set: local Ray, SQLite MLflow."""
     script = tmp_path / "check-then-train.sh"
     script.write_text(the("ConfigMap", "lcr-cron-scripts")["data"]["check-then-train.sh"])
-    shards, state = tmp_path / "shards", tmp_path / "state"
-    # `--print-config` makes `lcr pretrain` validate and print the config instead of training.
-    args = [str(shards), str(state), "lcr-inat2019", "--print-config", "--config", "inat2019",
-            f"storage_path={tmp_path / 'runs'}", "backbone_weights=s3://lcr-models/resnet50-imagenet.pth"]
+    shards = tmp_path / "shards"
+    build_shards("synthetic", str(shards), options={"num_classes": 3, "train_per_class": 8, "test_per_class": 3,
+                                                    "image_size": 32}, progress=False)
+    env = {"LCR": f"{sys.executable} -m components.cli", "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db",
+           "RAY_AUTH_MODE": "disabled"}
+    args = [str(shards), "cron-model", "cron", "--config", "demo", "backbone=tiny", "backbone_weights=null",
+            "freeze_stages=0", "image_size=32", "eval_resize=32", "batch_size=8", "queue_size=16", "embed_dim=16",
+            "projector_hidden=32", "num_projections=4", "epochs=1", "num_workers=1", "loader_workers=0",
+            f"storage_path={tmp_path / 'runs'}"]
 
-    first = run_script(script, *args)
-    assert first.returncode == 0, first.stderr
-    assert "no manifest" in first.stdout and "run_name" not in first.stdout
+    first = run_script(script, *args, env=env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    checksum = manifest_checksum(read_manifest(str(shards / "train")))
+    assert f"check-then-train: no cron-model@champion yet; run cron-{checksum[:12]}\n" in first.stdout
+    assert (tmp_path / "runs" / f"cron-{checksum[:12]}").is_dir()
+    client = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
+    champion = client.get_model_version_by_alias("cron-model", "champion")
+    assert champion.version == "1" and champion.tags["lcr.train_manifest_sha256"] == checksum
 
-    (shards / "train").mkdir(parents=True)
-    (shards / "train" / "manifest.json").write_text('{"version": 1}')
-    digest = hashlib.sha256(b'{"version": 1}').hexdigest()
-    second = run_script(script, *args)
-    assert second.returncode == 0, second.stderr
-    printed = yaml.safe_load(second.stdout.split("\n", 1)[1].rsplit("check-then-train: recorded", 1)[0])
-    assert printed["run_name"] == f"lcr-inat2019-{digest[:12]}"
-    assert printed["shards"] == str(shards)
-    assert (state / "trained-manifest.sha256").read_text().strip() == digest
-
-    third = run_script(script, *args)
-    assert third.returncode == 0, third.stderr
-    assert "unchanged" in third.stdout and "run_name" not in third.stdout
-
-    # A failed pretrain records nothing, so the next tick tries again. (A stand-in interpreter
-    # fails `-m components.cli` at once instead of spending seconds importing Ray to fail.)
-    (shards / "train" / "manifest.json").write_text('{"version": 2}')
-    failing = tmp_path / "python-failing-pretrain"
-    failing.write_text("#!/bin/sh\n"
-                       '[ "$1" = -m ] && { echo "pretrain failed" >&2; exit 1; }\n'
-                       f'exec {sys.executable} "$@"\n')
-    failing.chmod(0o755)
-    failed = run_script(script, *args, python=str(failing))
-    assert failed.returncode == 1 and "pretrain failed" in failed.stderr
-    assert "lcr-inat2019-" + hashlib.sha256(b'{"version": 2}').hexdigest()[:12] in failed.stdout
-    assert (state / "trained-manifest.sha256").read_text().strip() == digest
+    second = run_script(script, *args, env=env)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "nothing new at" in second.stdout
+    assert len(client.search_model_versions("name = 'cron-model'")) == 1
 
 
 # ---------------------------------------------------------------------------------------------
