@@ -17,7 +17,8 @@ The space file maps LCRConfig fields to a grid (`{grid: [4, 8]}`) or a distribut
 MLflow: one parent run for the sweep and one child run per trial (its pretraining run). The parent
 gets the best config, the best trial's run id and checkpoint, the results as CSV and a K × ν heat map
 of the objective. A failed trial is recorded as failed and the sweep goes on; running the same
-`--name` again continues an interrupted sweep.
+`--name` again continues an interrupted sweep (Ctrl-C marks the parent run KILLED, a killed driver leaves
+it RUNNING): a trial cut short resumes from its last checkpoint, in its MLflow run.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import csv
 import json
 import math
 import os
+import sys
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -35,6 +37,7 @@ from typing import Any
 
 import numpy as np
 import yaml
+from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
 from components import storage, tracking
 from components.converters import Sample, Source
@@ -154,8 +157,23 @@ def run_trial(params: dict[str, Any], sweep: Sweep) -> None:
     cfg = config_from_dict(sweep.base | params | {"run_name": f"{sweep.name}-{trial}", "shards": sweep.holdout},
                            f"trial {trial}")
     os.environ["MLFLOW_TRACKING_URI"] = sweep.tracking_uri
+    reopen_trial_run(sweep, trial)
     pretrain(cfg, tags={PARENT_TAG: sweep.parent_run_id, SWEEP_TAG: sweep.name, "lcr.trial": trial},
              callbacks=[TuneReportCallback()])
+
+
+def reopen_trial_run(sweep: Sweep, trial: str) -> None:
+    """A trial that an interrupted sweep left unfinished starts again when the sweep is continued, and
+    its Ray Train run resumes from its checkpoint; so that it keeps one MLflow run, the run an earlier
+    driver created for it is set RUNNING again, and `pretrain` continues a RUNNING run of its run_name."""
+    import mlflow
+
+    client = mlflow.MlflowClient(sweep.tracking_uri)
+    experiment = client.get_run(sweep.parent_run_id).info.experiment_id
+    for run in client.search_runs([experiment], f"tags.`{PARENT_TAG}` = '{sweep.parent_run_id}' "
+                                                f"and tags.`lcr.trial` = '{trial}'"):
+        if run.info.status != "RUNNING":
+            client.update_run(run.info.run_id, status="RUNNING")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -171,6 +189,7 @@ class SweepResult:
 
 def sweep(cfg: LCRConfig, space: dict, name: str, num_samples: int = 1, max_concurrent: int | None = None,
           val_fraction: float = 0.2) -> SweepResult:
+    import mlflow
     import ray
     from ray import tune
 
@@ -189,23 +208,44 @@ def sweep(cfg: LCRConfig, space: dict, name: str, num_samples: int = 1, max_conc
     fits = max(1, int(ray.cluster_resources().get("CPU", 1) // per_trial))
     concurrent = min(max_concurrent or fits, fits)
     trainable = tune.with_parameters(run_trial, sweep=Sweep(name, cfg.to_dict(), holdout, uri, parent))
-    trainable = tune.with_resources(trainable, {"cpu": 0.01})  # the trial's workers ask for their own CPUs
+    # The trial's workers ask for their own CPUs. Its driver holds a token of memory instead of a CPU share:
+    # 0.01 CPU a trial left 2 x 1.01 CPUs for 2 trials on 2 cores, and the second trial's worker waited.
+    trainable = tune.with_resources(trainable, {"cpu": 0, "memory": 2**20})
     path = f"{storage_path}/{name}/tune"
     if tune.Tuner.can_restore(path, storage_filesystem=filesystem):
         tuner = tune.Tuner.restore(path, trainable, resume_errored=False, restart_errored=False,
                                    storage_filesystem=filesystem)
     else:
-        # stop_last_trials=False: a trial that reaches the last epoch finishes (logs its model) unstopped
-        scheduler = tune.schedulers.ASHAScheduler(time_attr="epoch", max_t=cfg.epochs,
-                                                  grace_period=cfg.eval_every_epochs, reduction_factor=2,
-                                                  stop_last_trials=False)
+        scheduler = FinishingASHA(time_attr="epoch", max_t=cfg.epochs, grace_period=cfg.eval_every_epochs,
+                                  reduction_factor=2, stop_last_trials=False)
         tuner = tune.Tuner(trainable, param_space=tune_space(space),
                            tune_config=tune.TuneConfig(metric=OBJECTIVE, mode="max", scheduler=scheduler,
                                                        num_samples=num_samples, max_concurrent_trials=concurrent),
                            run_config=tune.RunConfig(name="tune", storage_path=f"{storage_path}/{name}",
                                                      storage_filesystem=filesystem))
-    grid = tuner.fit()
+    # Tune's own Ctrl-C handler stops the trials and returns from `fit` as if the sweep had ended (it
+    # would be summarised as done); without it, Ctrl-C raises here and the trials end with the driver.
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+    try:
+        grid = tuner.fit()
+    except KeyboardInterrupt:
+        mlflow.MlflowClient(uri).set_terminated(parent, "KILLED")
+        print(f"sweep {name!r} interrupted: `lcr tune` with --name {name} continues it", file=sys.stderr, flush=True)
+        raise
     return summarise(uri, parent, grid, space)
+
+
+class FinishingASHA(ASHAScheduler):
+    """ASHA that never stops a trial at its last epoch. ASHA puts a rung at `max_t` when it is
+    `grace_period` times a power of the reduction factor (2 epochs: rungs at 1 and 2), and
+    `stop_last_trials=False` does not keep it from cutting a trial there. Such a stop saves no
+    training, only the model logging that follows the last report, and it races with it: the trial's
+    MLflow run ended KILLED or FAILED instead of FINISHED, without a model, depending on which won."""
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        if result.get(self._time_attr, 0) >= self._max_t:
+            return TrialScheduler.CONTINUE
+        return super().on_trial_result(tune_controller, trial, result)
 
 
 def parent_run(uri: str, cfg: LCRConfig, name: str, space: dict) -> str:
@@ -213,9 +253,11 @@ def parent_run(uri: str, cfg: LCRConfig, name: str, space: dict) -> str:
     import mlflow
 
     experiment = tracking.prepare_experiment(uri, cfg.mlflow_experiment)
-    found = mlflow.MlflowClient(uri).search_runs(
-        [experiment], f"tags.`{SWEEP_TAG}` = '{name}' and tags.`lcr.role` = 'sweep'", max_results=1)
+    client = mlflow.MlflowClient(uri)
+    found = client.search_runs([experiment], f"tags.`{SWEEP_TAG}` = '{name}' and tags.`lcr.role` = 'sweep'",
+                               max_results=1)
     if found:
+        client.update_run(found[0].info.run_id, status="RUNNING")  # ended KILLED or FINISHED by its last driver
         return found[0].info.run_id
     run_id = tracking.start_run(uri, replace(cfg, run_name=name), {SWEEP_TAG: name, "lcr.role": "sweep"})
     logger = tracking.MetricLogger(uri, run_id)
