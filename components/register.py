@@ -178,7 +178,8 @@ def best(found: dict[int, Entry]) -> Entry:
 
 
 def aliases(client: mlflow.MlflowClient, name: str) -> dict[str, str]:
-    return dict(client.get_registered_model(name).aliases)
+    # A tracking server answers "1"; a client on the database itself (sqlite:///…) answers 1.
+    return {alias: str(version) for alias, version in client.get_registered_model(name).aliases.items()}
 
 
 def settle(client: mlflow.MlflowClient, name: str) -> dict[int, Entry]:

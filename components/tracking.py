@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import yaml
 from mlflow.entities import Metric, Param, RunStatus
+from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.types import Schema, TensorSpec
 
@@ -130,10 +131,18 @@ class MetricLogger:
         self.pending.append(self.client.log_batch(self.run_id, metrics=batch, synchronous=False))
 
     def log_params(self, params: dict[str, str]) -> None:
-        """Idempotent: a restarted worker logs the same values again, which MLflow accepts."""
+        """Idempotent: a restarted worker logs the same values again, which MLflow accepts; so do
+        steps logging into one run at once (the pipeline's probes), where the second insert of the
+        same value can break the store's UNIQUE constraint: values already there are not an error."""
         items = [Param(k, v) for k, v in params.items()]
         for start in range(0, len(items), PARAMS_PER_BATCH):
-            self.client.log_batch(self.run_id, params=items[start:start + PARAMS_PER_BATCH])
+            batch = items[start:start + PARAMS_PER_BATCH]
+            try:
+                self.client.log_batch(self.run_id, params=batch)
+            except MlflowException:
+                logged = self.client.get_run(self.run_id).data.params
+                if any(logged.get(p.key) != p.value for p in batch):
+                    raise
 
     def log_artifact(self, path: str | Path, folder: str) -> None:
         self.client.log_artifact(self.run_id, str(path), folder)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -69,7 +70,8 @@ def run_local(params: dict[str, Any], root: str = DEFAULT_ROOT) -> str:
     try:
         return lcr_pipeline(**params).output
     except RuntimeError as err:  # kfp's: "Pipeline '…' finished with status FAILURE. Inner task failed: '…'."
-        raise PipelineError(f"{str(err).splitlines()[0]} (the failed step's output is above)") from None
+        message = re.sub(r"\x1b\[[0-9;]*m", "", str(err).splitlines()[0])  # kfp colours task names
+        raise PipelineError(f"{message} (the failed step's output is above)") from None
 
 
 def kfp_client(host: str, namespace: str | None):
