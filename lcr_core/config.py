@@ -268,6 +268,8 @@ def config_from_dict(values: dict[str, Any], source: str = "config",
             raise ConfigError(f"{where}: field '{f.name}' = {value!r}: expected a number")
         if f.type == "bool" and not isinstance(value, bool):
             raise ConfigError(f"{where}: field '{f.name}' = {value!r}: expected true or false")
+        if f.type == "str" and not isinstance(value, str):  # `shards=` reads as null
+            raise ConfigError(f"{where}: field '{f.name}' = {value!r}: expected a non-empty string")
     return cfg.validate()
 
 

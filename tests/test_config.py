@@ -113,6 +113,8 @@ def test_lr_scales_linearly_with_global_batch():
     ("gfb_lr_scale=0", "gfb_lr_scale"),
     ("lr=.inf", "lr"),
     ("backbone_weights=imagenet", "backbone_weights"),  # packaged for efficientnet_lite0 only
+    ("shards=", "shards"),  # YAML reads an empty value as null
+    ("storage_path=", "storage_path"),
 ])
 def test_each_bad_value_is_a_one_line_error_naming_the_field(override, field):
     with pytest.raises(ConfigError) as err:
