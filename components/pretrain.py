@@ -52,7 +52,7 @@ import tempfile
 import time
 import urllib.parse
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -79,6 +79,7 @@ from components.checkpoint import (
     Progress,
     check_resumable,
     checkpoint_dir_name,
+    checkpoint_dirs,
     load_checkpoint,
     newest_readable,
     restore_training_state,
@@ -445,7 +446,7 @@ class WorkerOutput:
             if tqdm_ray.RAY_TQDM_MAGIC in line:
                 self.show_progress(line)
                 continue
-            self.file.write(f"{source} {line}\n")
+            self.write(f"{source} {line}\n")
             if line.startswith(NOTICE):
                 tqdm_ray.instance().hide_bars()
                 print(line[len(NOTICE):], file=sys.stderr, flush=True)
@@ -467,7 +468,23 @@ class WorkerOutput:
         failure): the terminal would show them again when the driver exits, after its last message."""
         for state in self.bars.values():
             tqdm_ray.instance().process_state_update(state | {"closed": True})
-        self.file.close()
+        try:
+            self.file.close()
+        except OSError as err:
+            self.lost(err)
+
+    def write(self, text: str) -> None:
+        if self.file.closed:
+            return
+        try:
+            self.file.write(text)
+        except OSError as err:  # a full disk: the run's own error says so; the log must not add a traceback
+            self.lost(err)
+
+    def lost(self, err: OSError) -> None:
+        print(f"warning: worker log {self.path}: {err.strerror}; its last lines are lost", file=sys.stderr, flush=True)
+        with suppress(OSError):
+            self.file.close()
 
 
 def failure_summary(err: ray.train.TrainingFailedError) -> str:
@@ -590,6 +607,7 @@ def build_worker(cfg: LCRConfig, rank: int, world_size: int, loop_config: dict[s
     seed_everything(cfg.seed + rank)  # the weights start alike anyway: DDP copies rank 0's
     model = build_model(with_local_weights(cfg))
     if rank == 0 and loop_config["warm_start"] is not None and ray.train.get_checkpoint() is None:
+        # (resume() below restores a checkpoint Ray has not registered yet over these weights)
         warm_start.load_weights(model, ray.get(loop_config["warm_start"]))  # DDP copies them to the other ranks
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
@@ -622,16 +640,19 @@ def with_local_weights(cfg: LCRConfig) -> LCRConfig:
 
 
 def resume(worker: Worker) -> Progress:
-    """Continue from the run's newest checkpoint that reads back whole. Ray offers its latest only,
-    which may be truncated or damaged: rank 0 looks through the run folder beside it, newest first,
-    and every rank loads the one it chose."""
-    latest = ray.train.get_checkpoint()
-    if latest is None:
-        return Progress()
-    run_folder = CheckpointFolder(latest.filesystem, latest.path.rsplit("/", 1)[0], worker.checkpoint_root)
+    """Continue from the run's newest checkpoint that reads back whole. Ray's `get_checkpoint()` is
+    not enough: it is None until Ray's controller has registered a report (a worker group restarted,
+    or a driver killed, just after a checkpoint was written loses it), and its latest may be truncated
+    or damaged. So rank 0 looks through the run folder itself, newest first, and every rank loads the
+    one it chose."""
+    context = ray.train.get_context().get_storage()  # Ray's DeveloperAPI, pinned with Ray 2.60
+    run_folder = CheckpointFolder(context.storage_filesystem, context.experiment_fs_path, worker.checkpoint_root)
     choice = share(choose_checkpoint(worker, run_folder) if worker.rank == 0 else None, worker.world_size)
     if "error" in choice:
         raise LCRError(choice["error"])
+    if "new" in choice:
+        worker.taken = set(choice["taken"])
+        return Progress()
     worker.taken = set(choice["taken"])
     state = choice.pop("state", None) or run_folder.load(choice["name"])
     where = storage.join(worker.checkpoint_root, choice["name"])
@@ -655,7 +676,7 @@ class CheckpointFolder:
     uri: str  # what messages call it (s3://… or a local path)
 
     def names(self) -> list[str]:
-        infos = self.filesystem.get_file_info(pyarrow.fs.FileSelector(self.path))
+        infos = self.filesystem.get_file_info(pyarrow.fs.FileSelector(self.path, allow_not_found=True))
         return [info.base_name for info in infos if info.type == pyarrow.fs.FileType.Directory]
 
     def load(self, name: str) -> dict[str, Any]:
@@ -665,8 +686,11 @@ class CheckpointFolder:
 
 
 def choose_checkpoint(worker: Worker, run_folder: CheckpointFolder) -> dict[str, Any]:
-    """Rank 0: {"name", "state", "taken"} of the newest readable checkpoint, or {"error"}."""
+    """Rank 0: {"name", "state", "taken"} of the newest readable checkpoint, {"new", "taken"} when
+    there is none yet, or {"error"}."""
     names = run_folder.names()
+    if not checkpoint_dirs(names):
+        return {"new": True, "taken": names}
     found = newest_readable(names, run_folder.load, lambda message: warn(worker, "skipped_checkpoint", message))
     if found is None:
         return {"error": f"run {worker.cfg.run_name!r}: no checkpoint in {run_folder.uri} reads back whole; "

@@ -32,7 +32,9 @@ def lcr(cwd: Path, *args: str) -> str:
 
 
 def table_rows(out: str) -> dict[str, list[float]]:
-    return {line.split()[0]: [float(v) for v in line.split()[1:4]] for line in out.splitlines()
+    """rank-1, rank-5, mAP by row of the summary's table (the last fenced block printed)."""
+    table = out.rsplit("```", 2)[1]
+    return {line.split()[0]: [float(v) for v in line.split()[1:4]] for line in table.splitlines()
             if line.split() and line.split()[0] in ("attention", "gap", "chance")}
 
 
