@@ -44,7 +44,7 @@ def test_the_demo_pipeline_then_a_skip_then_a_warm_started_run_on_new_shards(tmp
     assert set(rows) == {"attention", "gap", "chance"} and all(0 <= v <= 100 for r in rows.values() for v in r)
     assert "lcr-demo version 1: **champion** (" in out
     assert f"MLflow UI: mlflow ui --backend-store-uri sqlite:///{tmp_path}/mlflow.db" in out
-    report = Path(re.search(r"- report: (\S+)", out).group(1))
+    report = Path(re.findall(r"^- report: (\S+)$", out, re.MULTILINE)[-1])
     assert report.name == "index.html" and report.parent.joinpath("attention.png").is_file()
 
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")

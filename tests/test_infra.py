@@ -616,7 +616,7 @@ def test_raycronjob_runs_the_check_then_train_script():
     tokens = shlex.split(template["entrypoint"])
     assert tokens[0] == "bash", tokens
     script = Path(tokens[1])
-    shards, state, prefix, *pretrain = tokens[2:]
+    shards, model_name, prefix, *pretrain = tokens[2:]
     # The script is mounted from the ConfigMap at the path the entrypoint names.
     head = template["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
     volumes = {v["name"]: v for v in head.get("volumes", [])}
@@ -625,10 +625,11 @@ def test_raycronjob_runs_the_check_then_train_script():
     assert mounted, f"{script.parent} is not mounted in the head pod"
     config_map = mounted[0][1]["configMap"]["name"]
     assert script.name in the("ConfigMap", config_map)["data"]
-    # The arguments make a valid `lcr pretrain` call once the script appends shards= and run_name=.
+    # The arguments make a valid `lcr pretrain` call once the script appends shards=, run_name= and init_from=.
     config, overrides, _ = parse_pretrain_args(pretrain)
-    cfg = load_config(config, overrides + [f"shards={shards}", f"run_name={prefix}-0123456789ab"])
-    assert config == "inat2019" and shards.startswith("s3://") and state.startswith("s3://")
+    cfg = load_config(config, overrides + [f"shards={shards}", f"run_name={prefix}-0123456789ab",
+                                           f"init_from=models:/{model_name}@champion"])
+    assert config == "inat2019" and shards.startswith("s3://") and re.fullmatch(r"[\w.-]+", model_name)
     check_capacity(cfg, template["rayClusterSpec"], "RayCronJob rayClusterSpec")
     # No overlapping runs: the deadline ends a run before the next daily tick.
     assert cron["schedule"].split()[2:] == ["*", "*", "*"], "the overlap argument assumes a daily schedule"
@@ -667,8 +668,8 @@ def test_check_then_train_script_trains_registers_then_waits_for_new_shards(tmp_
            "RAY_AUTH_MODE": "disabled"}
     args = [str(shards), "cron-model", "cron", "--config", "demo", "backbone=tiny", "backbone_weights=null",
             "freeze_stages=0", "image_size=32", "eval_resize=32", "batch_size=8", "queue_size=16", "embed_dim=16",
-            "projector_hidden=32", "num_projections=4", "epochs=1", "num_workers=1", "loader_workers=0",
-            f"storage_path={tmp_path / 'runs'}"]
+            "projector_hidden=32", "num_projections=4", "epochs=1", "warmup_epochs=0", "num_workers=1",
+            "loader_workers=0", f"storage_path={tmp_path / 'runs'}"]
 
     first = run_script(script, *args, env=env)
     assert first.returncode == 0, first.stderr[-3000:]

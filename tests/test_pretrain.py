@@ -416,10 +416,13 @@ def training_run(client: mlflow.MlflowClient, run_name: str) -> str | None:
 
 
 def train_workers(session: int) -> list[int]:
-    """The pids of Ray Train's worker processes in a session."""
-    listing = subprocess.run(["ps", "-o", "pid=,args=", "-s", str(session)], capture_output=True, text=True,
+    """The pids of Ray Train's worker processes in a session; not their DataLoader processes, which
+    are forked from them every epoch and carry the same title."""
+    listing = subprocess.run(["ps", "-o", "pid=,ppid=,args=", "-s", str(session)], capture_output=True, text=True,
                              check=False).stdout
-    return [int(line.split()[0]) for line in listing.splitlines() if "ray::RayTrainWorker" in line]
+    titled = {int(pid): int(ppid) for pid, ppid, *args in map(str.split, listing.splitlines())
+              if "ray::RayTrainWorker" in " ".join(args)}
+    return [pid for pid, parent in titled.items() if parent not in titled]
 
 
 def test_ctrl_c_stops_the_workers_marks_the_run_killed_and_leaves_no_ray_process(shards, tmp_path):
@@ -485,7 +488,7 @@ def test_a_worker_killed_with_sigkill_is_named_in_the_error(ray_cluster, shards,
 
     def kill_a_worker() -> None:
         try:
-            pids = wait_for(lambda: len(found := train_workers(ray_cluster.session)) >= 2 and found, 300)
+            pids = wait_for(lambda: len(found := train_workers(ray_cluster.session)) == 2 and found, 300)
             time.sleep(5)  # training under way
             os.kill(pids[-1], signal.SIGKILL)
             killed.append(pids[-1])
