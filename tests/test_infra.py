@@ -678,7 +678,7 @@ def test_check_then_train_script_trains_registers_then_waits_for_new_shards(tmp_
     assert (tmp_path / "runs" / f"cron-{checksum[:12]}").is_dir()
     client = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
     champion = client.get_model_version_by_alias("cron-model", "champion")
-    assert champion.version == "1" and champion.tags["lcr.train_manifest_sha256"] == checksum
+    assert str(champion.version) == "1" and champion.tags["lcr.train_manifest_sha256"] == checksum
 
     second = run_script(script, *args, env=env)
     assert second.returncode == 0, second.stderr[-3000:]
