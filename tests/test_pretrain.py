@@ -17,7 +17,7 @@ import re
 import shutil
 import signal
 import subprocess
-import threading
+import sys
 import time
 import uuid
 from dataclasses import dataclass, replace
@@ -484,23 +484,21 @@ def test_a_worker_killed_with_sigkill_is_named_in_the_error(ray_cluster, shards,
     cfg = tiny_config(shards, "run_name=killed-worker", f"storage_path={tmp_path / 'runs'}", "epochs=500",
                       "max_failures=0")
     wait_for(lambda: not train_workers(ray_cluster.session), 60)
-    killed = []
-
-    def kill_a_worker() -> None:
-        try:
-            pids = wait_for(lambda: len(found := train_workers(ray_cluster.session)) == 2 and found, 300)
-            time.sleep(5)  # training under way
-            os.kill(pids[-1], signal.SIGKILL)
-            killed.append(pids[-1])
-        except AssertionError as failure:  # a thread's exception is otherwise lost: reported below
-            killed.append(failure)
-
-    killer = threading.Thread(target=kill_a_worker, daemon=True)
-    killer.start()
+    # The killer is a process of its own: as a thread of this one it was seen starved while the driver
+    # waited on Ray, and the run trained on into pytest's timeout.
+    killer = subprocess.Popen(
+        [sys.executable, "-c", "import os, signal, sys, time\n"
+         "from tests.test_pretrain import train_workers, wait_for\n"
+         "pids = wait_for(lambda: len(found := train_workers(int(sys.argv[1]))) == 2 and found, 300)\n"
+         "time.sleep(5)  # training under way\n"
+         "os.kill(pids[-1], signal.SIGKILL)\n"
+         "print(pids[-1])\n", str(ray_cluster.session)],
+        cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     with pytest.raises(PretrainError) as err:
         pretrain(cfg)
-    killer.join()
-    assert isinstance(killed[0], int), f"no worker was killed: {killed[0]!r}"
+    out, problem = killer.communicate(timeout=60)
+    assert killer.returncode == 0, f"no worker was killed: {problem[-2000:]}"
+    killed = [int(out)]
     assert re.fullmatch(rf"run 'killed-worker' failed: worker rank [01] died \(process {killed[0]} on \S+ ended "
                         r"without a Python error: killed, e\.g\. by SIGKILL or the OOM killer, or crashed\)",
                         str(err.value)), str(err.value)
