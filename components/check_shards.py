@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from dataclasses import asdict, dataclass
 
 from components import storage, tracking
@@ -58,8 +59,6 @@ def check_new_shards(shards: str, model_name: str, run_prefix: str, always: bool
                                 f"{trained_on[:12] or 'an unknown manifest'})", checksum, run_name, champion)
     if always:
         # A repeat on the same shards: a run of its own, else it would resume the finished one.
-        import time
-
         return ShardCheck(True, "unchanged shards, retraining as asked", checksum,
                           f"{run_name}-{time.strftime('%Y%m%d%H%M%S')}", champion)
     return ShardCheck(False, f"nothing new: the champion was trained on train manifest {checksum[:12]}",
