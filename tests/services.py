@@ -34,6 +34,17 @@ def wait_http(url: str, timeout: float, proc: subprocess.Popen) -> None:
     raise TimeoutError(f"no answer from {url} within {timeout} s")
 
 
+def wait_for(condition, timeout: float, proc: subprocess.Popen | None = None):
+    """`condition()`'s first truthy value, polled every half second; fails when `proc` (the process
+    that should bring it about) exits first."""
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        assert proc is None or proc.poll() is None, f"{proc.args[0]} exited with {proc.returncode}"
+        assert time.monotonic() < deadline, f"still waiting after {timeout} s"
+        time.sleep(0.5)
+    return value
+
+
 def stop(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGTERM)

@@ -39,7 +39,7 @@ from components.shards import build_shards
 from lcr_core.config import load_config
 from lcr_core.model import build_model
 from tests.conftest import VENV_BIN
-from tests.services import free_port, wait_http
+from tests.services import free_port, wait_for, wait_http
 
 pytestmark = pytest.mark.slow
 
@@ -396,16 +396,6 @@ def cli_driver(root: Path, *overrides: str, ray_address: str | None = None) -> s
     with open(root / "out.txt", "w") as out, open(root / "err.txt", "w") as err:
         return subprocess.Popen([str(VENV_BIN / "lcr"), "pretrain", *TINY, *overrides], stdout=out, stderr=err,
                                 env=env, cwd=root, start_new_session=True)
-
-
-def wait_for(condition, timeout: float, proc: subprocess.Popen | None = None):
-    """`condition()`'s first truthy value, polled every half second."""
-    deadline = time.monotonic() + timeout
-    while not (value := condition()):
-        assert proc is None or proc.poll() is None, f"the driver exited with {proc.returncode}"
-        assert time.monotonic() < deadline, f"still waiting after {timeout} s"
-        time.sleep(0.5)
-    return value
 
 
 def training_run(client: mlflow.MlflowClient, run_name: str) -> str | None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import mlflow
@@ -30,6 +29,7 @@ from components.tune import (
 )
 from lcr_core.config import load_config
 from tests.conftest import VENV_BIN
+from tests.services import wait_for
 
 TINY = ["backbone=tiny", "image_size=32", "eval_resize=32", "batch_size=8", "num_workers=1", "queue_size=16",
         "embed_dim=16", "projector_hidden=32", "num_projections=4", "epochs=2", "loader_workers=0",
@@ -169,16 +169,6 @@ def terminal_sigint() -> None:
     """SIGINT raises KeyboardInterrupt, as in a terminal's foreground job (a test run in the background
     inherits it ignored, and Python keeps it so)."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
-def wait_for(condition, timeout: float, proc: subprocess.Popen | None = None):
-    """`condition()`'s first truthy value, polled every half second."""
-    deadline = time.monotonic() + timeout
-    while not (value := condition()):
-        assert proc is None or proc.poll() is None, f"lcr tune exited with {proc.returncode}"
-        assert time.monotonic() < deadline, f"still waiting after {timeout} s"
-        time.sleep(0.5)
-    return value
 
 
 @pytest.mark.slow
