@@ -81,7 +81,7 @@ class Bench:
     shards: Path
     uri: str  # MLflow tracking URI
     address: str  # the Ray head's GCS, for RAY_ADDRESS
-    session: int  # the head's session id: its processes, the train workers among them
+    dashboard: str  # the head's state API, which lists the train workers
     epochs: int
     rng: random.Random
     launched: int = 0
@@ -131,8 +131,9 @@ class Command:
 # ---------------------------------------------------------------------------------------------
 # Processes
 
-def start_head(root: Path) -> tuple[subprocess.Popen, str]:
-    """A Ray head on loopback with 2 CPUs, in a session of its own; returns it and its GCS address."""
+def start_head(root: Path) -> tuple[subprocess.Popen, str, str]:
+    """A Ray head on loopback with 2 CPUs, in a session of its own; returns it, its GCS address and its
+    dashboard's."""
     gcs_port, dashboard_port = free_port(), free_port()
     log = open(root / "ray-head.log", "w")
     proc = subprocess.Popen(
@@ -141,8 +142,9 @@ def start_head(root: Path) -> tuple[subprocess.Popen, str]:
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", "--disable-usage-stats",
          f"--temp-dir={root / 'ray'}"],
         stdout=log, stderr=subprocess.STDOUT, env=command_env(), start_new_session=True, cwd=root)
-    wait_http(f"http://127.0.0.1:{dashboard_port}/api/version", 180, proc)
-    return proc, f"127.0.0.1:{gcs_port}"
+    dashboard = f"http://127.0.0.1:{dashboard_port}"
+    wait_http(f"{dashboard}/api/version", 180, proc)
+    return proc, f"127.0.0.1:{gcs_port}", dashboard
 
 
 def command_env(**variables: str) -> dict[str, str]:
@@ -314,7 +316,7 @@ def kill_a_worker_at(bench: Bench, run_id: str, target: int, proc: subprocess.Po
     when the previous kill left the run beyond it); False if the run ended or stalled first."""
     since = kills[-1][1] if kills else 0
     reached = wait_until(lambda: steps_logged_since(bench, run_id, since) >= target, START_TIMEOUT_S, proc)
-    pids = wait_until(lambda: len(found := train_workers(bench.session)) == 2 and found, 60, proc)
+    pids = wait_until(lambda: len(found := train_workers(bench.dashboard)) == 2 and found, 60, proc)
     if not (reached and pids):
         return False
     victim = bench.rng.choice(sorted(pids))
@@ -384,7 +386,7 @@ def kill_the_driver_at(bench: Bench, run_name: str, target: int, proc: subproces
     proc.kill()
     killed_ms = now_ms()
     proc.wait()
-    wait_until(lambda: not train_workers(bench.session), 60)
+    wait_until(lambda: not train_workers(bench.dashboard), 60)
     run_dir = bench.root / "runs" / run_name
     return DriverKill(killed_ms, step_at(bench, run_id, launched, killed_ms), newest_intact_step(run_dir),
                       snapshot_newest_step(run_dir))
@@ -636,9 +638,9 @@ def benchmark(args: argparse.Namespace, root: Path) -> int:
     shards_digest = tree_digest(shards)
     uri = f"sqlite:///{root}/mlflow.db"
     tracking.prepare_experiment(uri, EXPERIMENT)  # one process migrates a fresh store
-    head, address = start_head(root)
+    head, address, dashboard = start_head(root)
     try:
-        bench = Bench(root, shards, uri, address, head.pid, args.epochs, random.Random(args.seed))
+        bench = Bench(root, shards, uri, address, dashboard, args.epochs, random.Random(args.seed))
         reference, _ = reference_run(bench)
         print(f"uninterrupted run: {time.monotonic() - started:.0f} s", flush=True)
         faults = [worker_kills(bench, args.worker_kills, reference), driver_kills(bench, args.driver_kills, reference),

@@ -228,7 +228,7 @@ def publish_samples(source: Source, split: str, split_uri: str, *, labels: list[
     staging_parent, staging_prefix = _staging(split_uri)
     with tempfile.TemporaryDirectory(dir=staging_parent, prefix=staging_prefix) as staging, \
             tqdm(total=source.sizes.get(split), unit="img", desc=f"{source.dataset} {split}",
-                 disable=not progress) as bar:
+                 disable=not progress, position=0) as bar:  # not below bars others left open
         shards = _ShardSequence(split, split_uri, Path(staging), maxcount, maxsize, first_index, bar)
         try:
             for sample in source.splits[split]():
@@ -567,10 +567,11 @@ def verify_shards(dest: str, progress: bool = True) -> dict[str, Manifest]:
                         "removes it", storage.join(uri, name))
     jobs = [(m.split, storage.join(uri, e.name), e) for uri, m in manifests.items() for e in m.shards]
     problems = []
-    for split, shard_uri, entry in tqdm(jobs, desc="verifying", unit="shard", disable=not progress):
-        problem = check_shard(shard_uri, entry)
-        if problem:
-            problems.append(f"{split}/{problem}")
+    with tqdm(jobs, desc="verifying", unit="shard", disable=not progress) as bar:  # closed on errors too
+        for split, shard_uri, entry in bar:
+            problem = check_shard(shard_uri, entry)
+            if problem:
+                problems.append(f"{split}/{problem}")
     if problems:
         shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
         raise ShardError(f"{dest}: {len(problems)} of {len(jobs)} shards failed verification: {shown}")

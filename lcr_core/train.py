@@ -73,11 +73,13 @@ def extract_embeddings(model, batches: Iterable, poolings: Iterable[str], device
     poolings = list(poolings)
     chunks: dict[str, list[torch.Tensor]] = {p: [] for p in poolings}
     labels = []
-    for batch in tqdm(batches, desc=progress, disable=progress is None, unit="batch"):
-        images = batch[0].to(device, non_blocking=True)
-        for pooling, embedding in model.embeddings(images, poolings).items():
-            chunks[pooling].append(embedding.float().cpu())
-        labels.append(torch.as_tensor(batch[1]))
+    # `with`: a bar left open by a failing loader would push every later bar of the process down a line
+    with tqdm(batches, desc=progress, disable=progress is None, unit="batch") as bar:
+        for batch in bar:
+            images = batch[0].to(device, non_blocking=True)
+            for pooling, embedding in model.embeddings(images, poolings).items():
+                chunks[pooling].append(embedding.float().cpu())
+            labels.append(torch.as_tensor(batch[1]))
     return {p: torch.cat(c) for p, c in chunks.items()}, torch.cat(labels)
 
 

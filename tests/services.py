@@ -34,6 +34,12 @@ def wait_http(url: str, timeout: float, proc: subprocess.Popen) -> None:
     raise TimeoutError(f"no answer from {url} within {timeout} s")
 
 
+def terminal_sigint() -> None:
+    """A child's `preexec_fn`: SIGINT raises KeyboardInterrupt, as in a terminal's foreground job (a
+    test run in the background inherits it ignored, and Python keeps it so)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def wait_for(condition, timeout: float, proc: subprocess.Popen | None = None):
     """`condition()`'s first truthy value, polled every half second; fails when `proc` (the process
     that should bring it about) exits first."""

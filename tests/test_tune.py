@@ -29,7 +29,7 @@ from components.tune import (
 )
 from lcr_core.config import load_config
 from tests.conftest import VENV_BIN
-from tests.services import wait_for
+from tests.services import terminal_sigint, wait_for
 
 TINY = ["backbone=tiny", "image_size=32", "eval_resize=32", "batch_size=8", "num_workers=1", "queue_size=16",
         "embed_dim=16", "projector_hidden=32", "num_projections=4", "epochs=2", "loader_workers=0",
@@ -163,12 +163,6 @@ def checkpointed_trial(runs: Path, name: str) -> str | None:
         if "checkpoint_" in snapshot.read_text() and trial in states:
             return trial
     return None
-
-
-def terminal_sigint() -> None:
-    """SIGINT raises KeyboardInterrupt, as in a terminal's foreground job (a test run in the background
-    inherits it ignored, and Python keeps it so)."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 @pytest.mark.slow
