@@ -7,7 +7,8 @@
 
 `-p NAME=VALUE` sets a pipeline parameter (see `lcr pipeline params`); lists and booleans are JSON
 (`-p overrides='["epochs=2"]'`, `-p warm_start=false`). A local run uses kfp's subprocess runner in
-this interpreter: every step is a process of its own, as it is a pod of its own on Kubeflow.
+this interpreter: every step is a process of its own, as it is a pod of its own on Kubeflow. The
+terminal shows each step as it ends; everything the steps print goes to runs/pipeline/local-*.log.
 """
 
 from __future__ import annotations
@@ -15,13 +16,19 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import os
 import re
+import sys
 import time
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager, redirect_stdout
 from pathlib import Path
 from typing import Any
 
 from lcr_core.errors import LCRError
 from pipeline.pipeline import COMPILED, NAME, compile_pipeline, lcr_pipeline
+from pipeline.progress import StepLog
 
 DEFAULT_ROOT = "runs/pipeline"
 EXPERIMENT = "lcr"
@@ -61,17 +68,38 @@ def parse_params(pairs: list[str]) -> dict[str, Any]:
 
 
 def run_local(params: dict[str, Any], root: str = DEFAULT_ROOT) -> str:
-    """Run the whole pipeline with kfp's local runner; returns the summary (Markdown)."""
+    """Run the whole pipeline with kfp's local runner; returns the summary (Markdown). The steps'
+    output goes to a log file in `root`; the terminal shows the steps as they end (`StepLog`)."""
     from kfp import local
 
-    Path(root).mkdir(parents=True, exist_ok=True)
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(Path(root).resolve()),
-               raise_on_error=True)
+    folder = Path(root).resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    log_path = folder / f"local-{time.strftime('%Y%m%d-%H%M%S')}.log"
+    print(f"steps' output: {log_path}", flush=True)
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(folder), raise_on_error=True)
+    with open(log_path, "a") as log, StepLog(log, sys.stdout) as shown, redirect_stdout(shown), \
+            unbuffered_steps(), warnings.catch_warnings():
+        # the steps' image is for Kubeflow; here they run in this interpreter, as intended
+        warnings.filterwarnings("ignore", message=".*non-Python base image", category=RuntimeWarning)
+        try:
+            return lcr_pipeline(**params).output
+        except RuntimeError as err:  # kfp's: "Pipeline '…' finished with status FAILURE. Inner task failed: '…'."
+            message = re.sub(r"\x1b\[[0-9;]*m", "", str(err).splitlines()[0])  # kfp colours task names
+            raise PipelineError(f"{message} (its last lines are above; all of it is in {log_path})") from None
+
+
+@contextmanager
+def unbuffered_steps() -> Iterator[None]:
+    """The steps' processes print as they go: into a pipe, Python would hold their output back in blocks."""
+    before = os.environ.get("PYTHONUNBUFFERED")
+    os.environ["PYTHONUNBUFFERED"] = "1"
     try:
-        return lcr_pipeline(**params).output
-    except RuntimeError as err:  # kfp's: "Pipeline '…' finished with status FAILURE. Inner task failed: '…'."
-        message = re.sub(r"\x1b\[[0-9;]*m", "", str(err).splitlines()[0])  # kfp colours task names
-        raise PipelineError(f"{message} (the failed step's output is above)") from None
+        yield
+    finally:
+        if before is None:
+            del os.environ["PYTHONUNBUFFERED"]
+        else:
+            os.environ["PYTHONUNBUFFERED"] = before
 
 
 def kfp_client(host: str, namespace: str | None):

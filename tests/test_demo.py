@@ -44,6 +44,10 @@ def test_the_demo_pipeline_then_a_skip_then_a_warm_started_run_on_new_shards(tmp
     assert set(rows) == {"attention", "gap", "chance"} and all(0 <= v <= 100 for r in rows.values() for v in r)
     assert "lcr-demo version 1: **champion** (" in out
     assert f"MLflow UI: mlflow ui --backend-store-uri sqlite:///{tmp_path}/mlflow.db" in out
+    # one line per step on the terminal (bar refreshes end in \r); kfp's whole output in the log
+    assert len(out.split("\n")) < 60 and "Executing task" not in out and "parameterValues" not in out
+    steps_log = Path(re.search(r"^steps' output: (\S+)$", out, re.MULTILINE)[1])
+    assert "Executing task" in steps_log.read_text() and "  register             success in " in out
     report = Path(re.findall(r"^- report: (\S+)$", out, re.MULTILINE)[-1])
     assert report.name == "index.html" and report.parent.joinpath("attention.png").is_file()
 

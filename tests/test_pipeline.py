@@ -5,11 +5,12 @@ and `lcr pipeline submit`/`schedule` are therefore tested against a loopback HTT
 (tests.services.Recorder) that answers as those APIs do; the tests assert on the requests' bodies
 (the RayJob, validated against KubeRay's CRD; the cron expression, max_concurrency and the pipeline
 spec). The `ray-job` mode runs for real against `ray start --head` in tests/test_pretrain.py, and the
-whole pipeline runs with kfp's local runner in tests/test_pipeline_local.py.
+whole pipeline runs with kfp's local runner in tests/test_demo.py.
 """
 
 from __future__ import annotations
 
+import io
 import json
 
 import pytest
@@ -22,6 +23,7 @@ from components.cli import main
 from lcr_core.config import load_config
 from pipeline import cli
 from pipeline.pipeline import COMPILED, compile_pipeline
+from pipeline.progress import SHOWN_ON_FAILURE, StepLog
 from tests.services import Recorder
 from tests.test_infra import crd_errors
 
@@ -194,3 +196,42 @@ def test_a_five_field_cron_is_refused_before_any_request(capsys):
         assert main(["pipeline", "schedule", "--host", api.url, "--cron", "0 3 * * *"]) == 2
     assert api.requests == []
     assert "expected 6 fields, seconds first" in capsys.readouterr().err
+
+
+def kfp_task(name: str, status: str, *output: str) -> str:
+    """What kfp's local runner prints for one task: its logger's lines (task names in colour) around
+    the step's streamed output, indented."""
+    colour = "\x1b[92m" if status == "SUCCESS" else "\x1b[91m"
+    level = "INFO" if status == "SUCCESS" else "ERROR"
+    return (f"12:00:00.000 - INFO - Executing task \x1b[96m'{name}'\x1b[0m\n12:00:00.001 - INFO - Streamed logs:\n"
+            + "".join(f"    {line}\n" for line in output)
+            + f"12:00:01.000 - {level} - Task \x1b[96m'{name}'\x1b[0m finished with status {colour}{status}\x1b[0m\n")
+
+
+def test_a_local_run_shows_one_line_per_step_and_logs_everything():
+    log, terminal = io.StringIO(), io.StringIO()
+    bar = "".join(f"\r(pid=1) epoch {e}/2 step {s}/3 loss 4.1: {(e - 1) * 3 + s}/6\x1b[A" for e in (1, 2)
+                  for s in (1, 2, 3))
+    text = (kfp_task("check-new-shards", "SUCCESS", '{"inputs": {"parameterValues": {}}}', "no lcr-demo@champion yet")
+            + kfp_task("pretrain", "SUCCESS", "worker logs: runs/x/logs/1.log", bar)
+            + kfp_task("probe", "SUCCESS", "top-1 90.0"))
+    with StepLog(log, terminal) as shown:
+        for start in range(0, len(text), 7):  # kfp prints in pieces that split lines anywhere
+            shown.write(text[start:start + 7])
+    assert log.getvalue() == text  # everything, as printed
+    lines = [line for line in terminal.getvalue().replace("\r", "\n").splitlines() if line.strip()]
+    steps = [line.split()[:2] for line in lines if " in " in line and line.endswith(" s")]
+    assert steps == [["check-new-shards", "success"], ["pretrain", "success"], ["probe", "success"]]
+    assert any("pretrain" in line and "6/6" in line and "epoch 2/2" in line for line in lines)  # the bar
+    assert "parameterValues" not in terminal.getvalue() and "\x1b[96m" not in terminal.getvalue()
+
+
+def test_a_failed_step_shows_its_last_lines():
+    terminal = io.StringIO()
+    output = [f"line {i}" for i in range(40)] + ["lcr pretrain: error: shards: no manifest at data/shards/train"]
+    with StepLog(io.StringIO(), terminal) as shown:
+        shown.write(kfp_task("check-new-shards", "SUCCESS", "fine") + kfp_task("pretrain", "FAILURE", *output))
+    shown_lines = terminal.getvalue().splitlines()
+    assert shown_lines[1].split()[:2] == ["pretrain", "failure"]
+    assert shown_lines[2:] == [f"    | {line}" for line in output[-SHOWN_ON_FAILURE:]]
+    assert "fine" not in terminal.getvalue()  # only the failed step's lines

@@ -1,0 +1,83 @@
+"""What a local pipeline run shows. kfp's local runner prints each step's whole output: its inputs and
+outputs as JSON and every refresh of the pretraining's progress bar, about 800 lines for the demo.
+All of it goes to a log file; the terminal gets one line per finished step, a bar for the
+pretraining's steps, and on a failure the failed step's last lines."""
+
+from __future__ import annotations
+
+import io
+import re
+import time
+from collections import deque
+from typing import TextIO
+
+from tqdm import tqdm
+
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")  # kfp colours task names; bars move the cursor
+TASK_STARTED = re.compile(r" - INFO - Executing task '([^']+)'")
+TASK_ENDED = re.compile(r" - (?:INFO|ERROR) - Task '([^']+)' finished with status (\w+)")
+TRAINING = re.compile(r"epoch (\d+)/(\d+) step (\d+)/(\d+)")  # the pretraining's bar (components/pretrain.py)
+SHOWN_ON_FAILURE = 25
+BAR = "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} steps [{elapsed}{postfix}]"
+
+
+class StepLog(io.TextIOBase):
+    """A text stream for kfp's runner to print into (its logger and the steps' streamed output)."""
+
+    def __init__(self, log: TextIO, terminal: TextIO):
+        self.log, self.terminal = log, terminal
+        self.partial = ""
+        self.step: str | None = None
+        self.started = time.monotonic()
+        self.recent: deque[str] = deque(maxlen=SHOWN_ON_FAILURE)  # the current step's last lines
+        self.bar: tqdm | None = None
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        self.log.write(text)
+        *lines, self.partial = re.split(r"[\r\n]", self.partial + text)
+        for line in lines:
+            self._read(ANSI.sub("", line))
+        return len(text)
+
+    def flush(self) -> None:
+        self.log.flush()
+
+    def _read(self, line: str) -> None:
+        if started := TASK_STARTED.search(line):
+            self.step, self.started = started[1], time.monotonic()
+            self.recent.clear()
+        elif ended := TASK_ENDED.search(line):
+            self._close_bar()
+            status = ended[2].lower()
+            print(f"  {ended[1]:<20} {status} in {time.monotonic() - self.started:.0f} s", file=self.terminal,
+                  flush=True)
+            if status != "success":
+                print("".join(f"    | {kept}\n" for kept in self.recent), end="", file=self.terminal, flush=True)
+        elif line.strip():
+            self.recent.append(line.strip())
+            if trained := TRAINING.search(line):
+                self._show_training(*map(int, trained.groups()))
+
+    def _show_training(self, epoch: int, epochs: int, step: int, steps: int) -> None:
+        if self.bar is None:
+            # every update drawn: they come at the pace of training steps; no rate: a step's output can
+            # arrive in bursts
+            self.bar = tqdm(total=epochs * steps, desc=f"  {self.step or 'pretrain'}", file=self.terminal,
+                            position=0, leave=False, mininterval=0, miniters=1,
+                            bar_format=BAR)
+        self.bar.set_postfix_str(f"epoch {epoch}/{epochs}", refresh=False)
+        self.bar.update((epoch - 1) * steps + step - self.bar.n)
+
+    def _close_bar(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def close(self) -> None:
+        self._close_bar()
+        if self.partial:
+            self._read(ANSI.sub("", self.partial))
+        super().close()
