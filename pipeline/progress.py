@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import io
 import re
+import threading
 import time
-from collections import deque
+from collections import defaultdict, deque
 from typing import TextIO
 
 from tqdm import tqdm
@@ -27,19 +28,21 @@ class StepLog(io.TextIOBase):
     def __init__(self, log: TextIO, terminal: TextIO):
         self.log, self.terminal = log, terminal
         self.partial = ""
-        self.step: str | None = None
-        self.started = time.monotonic()
+        self.step: str | None = None  # the latest to start
+        self.started: defaultdict[str, deque[float]] = defaultdict(deque)  # kfp runs a loop's tasks at once
         self.recent: deque[str] = deque(maxlen=SHOWN_ON_FAILURE)  # the current step's last lines
         self.bar: tqdm | None = None
+        self.lock = threading.Lock()  # a loop's tasks print from threads of their own
 
     def writable(self) -> bool:
         return True
 
     def write(self, text: str) -> int:
-        self.log.write(text)
-        *lines, self.partial = re.split(r"[\r\n]", self.partial + text)
-        for line in lines:
-            self._read(ANSI.sub("", line))
+        with self.lock:
+            self.log.write(text)
+            *lines, self.partial = re.split(r"[\r\n]", self.partial + text)
+            for line in lines:
+                self._read(ANSI.sub("", line))
         return len(text)
 
     def flush(self) -> None:
@@ -47,13 +50,15 @@ class StepLog(io.TextIOBase):
 
     def _read(self, line: str) -> None:
         if started := TASK_STARTED.search(line):
-            self.step, self.started = started[1], time.monotonic()
+            self.step = started[1]
+            self.started[self.step].append(time.monotonic())
             self.recent.clear()
         elif ended := TASK_ENDED.search(line):
             self._close_bar()
             status = ended[2].lower()
-            print(f"  {ended[1]:<20} {status} in {time.monotonic() - self.started:.0f} s", file=self.terminal,
-                  flush=True)
+            starts = self.started[ended[1]]
+            took = f" in {time.monotonic() - starts.popleft():.0f} s" if starts else ""
+            print(f"  {ended[1]:<20} {status}{took}", file=self.terminal, flush=True)
             if status != "success":
                 print("".join(f"    | {kept}\n" for kept in self.recent), end="", file=self.terminal, flush=True)
         elif line.strip():
