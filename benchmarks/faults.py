@@ -59,9 +59,9 @@ from components.shards import build_shards  # noqa: E402
 from components.storage import file_sha256  # noqa: E402
 from lcr_core.backbones import build_backbone  # noqa: E402
 from tests.conftest import VENV_BIN  # noqa: E402
-from tests.services import free_port, wait_http  # noqa: E402
+from tests.services import start_ray_head, stop_session  # noqa: E402  # noqa: E402
 from tests.shard_samples import BAD_JPEG, colour_jpeg  # noqa: E402
-from tests.test_pretrain import TINY, same_weights, stop_session, train_workers, training_run  # noqa: E402
+from tests.test_pretrain import TINY, same_weights, train_workers, training_run  # noqa: E402
 
 SPEC = {"num_classes": 4, "train_per_class": 16, "test_per_class": 2, "image_size": 32}
 STEPS_PER_EPOCH = 8  # 64 images, global batch 8
@@ -134,17 +134,7 @@ class Command:
 def start_head(root: Path) -> tuple[subprocess.Popen, str, str]:
     """A Ray head on loopback with 2 CPUs, in a session of its own; returns it, its GCS address and its
     dashboard's."""
-    gcs_port, dashboard_port = free_port(), free_port()
-    log = open(root / "ray-head.log", "w")
-    proc = subprocess.Popen(
-        [str(VENV_BIN / "ray"), "start", "--head", "--block", "--num-cpus=2", "--num-gpus=0",
-         "--node-ip-address=127.0.0.1", f"--port={gcs_port}", "--include-dashboard=true",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", "--disable-usage-stats",
-         f"--temp-dir={root / 'ray'}"],
-        stdout=log, stderr=subprocess.STDOUT, env=command_env(), start_new_session=True, cwd=root)
-    dashboard = f"http://127.0.0.1:{dashboard_port}"
-    wait_http(f"{dashboard}/api/version", 180, proc)
-    return proc, f"127.0.0.1:{gcs_port}", dashboard
+    return start_ray_head(root, command_env())
 
 
 def command_env(**variables: str) -> dict[str, str]:

@@ -1,5 +1,6 @@
 """Helpers for real services started as subprocesses on 127.0.0.1: a free port, waiting for an HTTP
-answer, stopping by process group. Used by the fixtures in conftest.py and by benchmarks/loader.py."""
+answer, a Ray head, stopping by process group or session, and a loopback HTTP recorder. Used by the
+fixtures and tests, and by benchmarks/loader.py and benchmarks/faults.py."""
 
 from __future__ import annotations
 
@@ -9,10 +10,12 @@ import re
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 
 def free_port() -> int:
@@ -59,6 +62,58 @@ def stop(proc: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def session_pids(session: int) -> list[int]:
+    listing = subprocess.run(["ps", "-o", "pid=", "-s", str(session)], capture_output=True, text=True,
+                             check=False).stdout  # ps exits 1 when the session is empty
+    return [int(pid) for pid in listing.split()]
+
+
+def stop_session(proc: subprocess.Popen, grace: float = 5, timeout: float = 30) -> list[int]:
+    """SIGTERM the head's process group (`ray start --block` then takes ~30 s to wind down, so
+    after `grace` seconds SIGKILL), then SIGKILL whatever of its session is left; returns the pids
+    still there after `timeout` seconds."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    for pid in session_pids(proc.pid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + timeout
+    while (left := session_pids(proc.pid)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return left
+
+
+def start_ray_head(root: Path, env: dict[str, str], attempts: int = 3) -> tuple[subprocess.Popen, str, str]:
+    """`ray start --head` on loopback with 2 CPUs, in a session of its own, its temp dir root/ray and
+    its output in root/head.log; returns it, its GCS address and its dashboard's URL. The two ports
+    are free when chosen, but Ray's own processes, which take ports at random, can take one first
+    (seen in CI: the dashboard's): then the head starts again on new ones."""
+    for attempt in range(1, attempts + 1):
+        gcs_port, dashboard_port = free_port(), free_port()
+        with open(root / "head.log", "a") as log:
+            proc = subprocess.Popen(
+                [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--num-cpus=2",
+                 "--num-gpus=0", "--node-ip-address=127.0.0.1", f"--port={gcs_port}", "--include-dashboard=true",
+                 "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", "--disable-usage-stats",
+                 f"--temp-dir={root / 'ray'}"],
+                stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=root)
+        dashboard = f"http://127.0.0.1:{dashboard_port}"
+        try:
+            wait_http(f"{dashboard}/api/version", 180, proc)
+            return proc, f"127.0.0.1:{gcs_port}", dashboard
+        except (RuntimeError, TimeoutError):
+            stop_session(proc)
+            if attempt == attempts:
+                raise
 
 
 class Recorder:

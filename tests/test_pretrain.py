@@ -39,7 +39,7 @@ from components.shards import build_shards
 from lcr_core.config import load_config
 from lcr_core.model import build_model
 from tests.conftest import VENV_BIN
-from tests.services import free_port, terminal_sigint, wait_for, wait_http
+from tests.services import session_pids, start_ray_head, stop_session, terminal_sigint, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -57,34 +57,6 @@ def shards(tmp_path_factory):
     return out
 
 
-def session_pids(session: int) -> list[int]:
-    listing = subprocess.run(["ps", "-o", "pid=", "-s", str(session)], capture_output=True, text=True,
-                             check=False).stdout  # ps exits 1 when the session is empty
-    return [int(pid) for pid in listing.split()]
-
-
-def stop_session(proc: subprocess.Popen, grace: float = 5, timeout: float = 30) -> list[int]:
-    """SIGTERM the head's process group (`ray start --block` then takes ~30 s to wind down, so
-    after `grace` seconds SIGKILL), then SIGKILL whatever of its session is left; returns the pids
-    still there after `timeout` seconds."""
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    for pid in session_pids(proc.pid):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    deadline = time.monotonic() + timeout
-    while (left := session_pids(proc.pid)) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    return left
-
-
 @dataclass
 class Cluster:
     dashboard: str  # the job API's address
@@ -96,23 +68,14 @@ class Cluster:
 def ray_cluster(tmp_path_factory):
     """A Ray head on loopback, which this process joins."""
     root = tmp_path_factory.mktemp("ray")
-    gcs_port, dashboard_port = free_port(), free_port()
-    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
-    dashboard = f"http://127.0.0.1:{dashboard_port}"
-    with open(root / "head.log", "w") as log:
-        proc = subprocess.Popen(
-            [str(VENV_BIN / "ray"), "start", "--head", "--block", "--num-cpus=2", "--num-gpus=0",
-             "--node-ip-address=127.0.0.1", f"--port={gcs_port}", "--include-dashboard=true",
-             "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", "--disable-usage-stats",
-             f"--temp-dir={root / 'tmp'}"],
-            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=root)
-        try:
-            wait_http(dashboard + "/api/version", 120, proc)
-            ray.init(address=f"127.0.0.1:{gcs_port}")
-            yield Cluster(dashboard, root / "tmp", f"127.0.0.1:{gcs_port}")
-        finally:
-            ray.shutdown()
-            left = stop_session(proc)
+    proc, address, dashboard = start_ray_head(root, dict(os.environ, RAY_AUTH_MODE="disabled",
+                                                         RAY_USAGE_STATS_ENABLED="0"))
+    try:
+        ray.init(address=address)
+        yield Cluster(dashboard, root / "ray", address)
+    finally:
+        ray.shutdown()
+        left = stop_session(proc)
     assert left == [], "the Ray head left processes behind"
 
 
@@ -485,7 +448,7 @@ def test_a_worker_killed_with_sigkill_is_named_in_the_error(ray_cluster, shards,
          "wait_for(lambda: any(Path(sys.argv[2]).glob('checkpoint_0*')), 300)\n"
          "pids = wait_for(lambda: len(found := train_workers(sys.argv[1])) == 2 and found, 60)\n"
          "os.kill(pids[-1], signal.SIGKILL)\n"
-         "print(pids[-1])\n", ray_cluster.dashboard, str(tmp_path / "runs" / "killed-worker")],
+         "print(pids[-1], flush=True)\n", ray_cluster.dashboard, str(tmp_path / "runs" / "killed-worker")],
         cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         pretrain(cfg)
@@ -493,9 +456,11 @@ def test_a_worker_killed_with_sigkill_is_named_in_the_error(ray_cluster, shards,
     except PretrainError as err:
         failure = str(err)
     finally:
-        if killer.poll() is None:
+        try:  # it exits after the kill; it waits no more than a minute for workers
+            out, problem = killer.communicate(timeout=90)
+        except subprocess.TimeoutExpired:
             killer.kill()
-        out, problem = killer.communicate(timeout=60)
+            out, problem = killer.communicate()
     assert killer.returncode == 0, f"no worker was killed: {problem[-2000:]}"
     assert failure is not None, "the run ended normally though a worker was killed"
     killed = [int(out)]

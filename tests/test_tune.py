@@ -173,11 +173,12 @@ def test_a_sweep_interrupted_mid_trial_continues_that_trial_from_its_checkpoint(
     restores the sweep, and the trial resumes its Ray Train run and its MLflow run."""
     import ray
 
+    epochs = 4  # the signal comes within a second of the first epoch's checkpoint: 3 epochs to spare
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     space = tmp_path / "space.yaml"
     space.write_text("kl_weight: {grid: [0.1, 1.0]}\n")
     name = f"cut-{interruption.name}"
-    overrides = [*TINY, f"shards={shards}", f"storage_path={tmp_path / 'runs'}", "epochs=6"]
+    overrides = [*TINY, f"shards={shards}", f"storage_path={tmp_path / 'runs'}", f"epochs={epochs}"]
     env = dict(os.environ, RAY_ADDRESS=ray.get_runtime_context().gcs_address)  # this module's Ray instance
     with open(tmp_path / "tune.log", "w") as log:
         proc = subprocess.Popen([str(VENV_BIN / "lcr"), "tune", *overrides, "--space", str(space), "--name", name,
@@ -200,7 +201,7 @@ def test_a_sweep_interrupted_mid_trial_continues_that_trial_from_its_checkpoint(
         assert f"--name {name} continues it" in (tmp_path / "tune.log").read_text()
     wait_for(lambda: ray.available_resources().get("CPU", 0) >= 2, 120)  # the trial's actors have ended
 
-    result = sweep(tiny(shards, tmp_path, "epochs=6"), read_space(space), name, max_concurrent=1)
+    result = sweep(tiny(shards, tmp_path, f"epochs={epochs}"), read_space(space), name, max_concurrent=1)
     assert result.parent_run_id == parent.info.run_id
     trials = [row["trial"] for row in result.table]
     assert len(set(trials)) == len(trials) == 2 and trial in trials
@@ -211,6 +212,6 @@ def test_a_sweep_interrupted_mid_trial_continues_that_trial_from_its_checkpoint(
     assert resumed.info.run_id == cut.info.run_id and resumed.info.status == "FINISHED"
     steps_per_epoch = 4  # 32 of the 40 training images, batch 8
     [start] = [m.value for m in client.get_metric_history(resumed.info.run_id, "resumed_from_step")]
-    assert steps_per_epoch <= start < 6 * steps_per_epoch  # from its checkpoint, not from step 0
+    assert steps_per_epoch <= start < epochs * steps_per_epoch  # from its checkpoint, not from step 0
     logged = {m.step for m in client.get_metric_history(resumed.info.run_id, "loss")}
-    assert logged == set(range(1, 6 * steps_per_epoch + 1))
+    assert logged == set(range(1, epochs * steps_per_epoch + 1))
