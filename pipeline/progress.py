@@ -58,13 +58,19 @@ class StepLog(io.TextIOBase):
             status = ended[2].lower()
             starts = self.started[ended[1]]
             took = f" in {time.monotonic() - starts.popleft():.0f} s" if starts else ""
-            print(f"  {ended[1]:<20} {status}{took}", file=self.terminal, flush=True)
+            self._show(f"  {ended[1]:<20} {status}{took}\n")
             if status != "success":
-                print("".join(f"    | {kept}\n" for kept in self.recent), end="", file=self.terminal, flush=True)
+                self._show("".join(f"    | {kept}\n" for kept in self.recent))
         elif line.strip():
             self.recent.append(line.strip())
             if trained := TRAINING.search(line):
                 self._show_training(*map(int, trained.groups()))
+
+    def _show(self, text: str) -> None:
+        """Straight to the terminal: kfp's runner replaces `print` with one that indents into
+        sys.stdout, which is this stream, whose lock the caller holds."""
+        self.terminal.write(text)
+        self.terminal.flush()
 
     def _show_training(self, epoch: int, epochs: int, step: int, steps: int) -> None:
         if self.bar is None:

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import io
 import json
+import threading
+from contextlib import redirect_stdout
 
 import pytest
 import yaml
@@ -225,6 +227,24 @@ def test_a_local_run_shows_one_line_per_step_and_logs_everything():
     assert steps == [["check-new-shards", "success"], ["pretrain", "success"], *[["probe", "success"]] * 2]
     assert any("pretrain" in line and "6/6" in line and "epoch 2/2" in line for line in lines)  # the bar
     assert "parameterValues" not in terminal.getvalue() and "\x1b[96m" not in terminal.getvalue()
+
+
+def test_the_step_log_takes_kfps_indenting_print_from_threads():
+    """kfp's runner replaces `print` with one that writes indentation to sys.stdout (this stream) and
+    runs a loop's tasks in threads: a StepLog that printed would wait on its own lock for ever."""
+    from kfp.local import logging_utils
+
+    log, terminal = io.StringIO(), io.StringIO()
+    text = kfp_task("probe", "SUCCESS", "top-1 90.0")
+
+    with StepLog(log, terminal) as shown, redirect_stdout(shown), logging_utils.indented_print():
+        threads = [threading.Thread(target=print, args=(text,), kwargs={"end": ""}, daemon=True) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=10)
+        assert not any(thread.is_alive() for thread in threads), "deadlocked"
+    assert terminal.getvalue().count("probe                success in ") == 2
 
 
 def test_a_failed_step_shows_its_last_lines():
