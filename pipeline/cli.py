@@ -17,7 +17,6 @@ import argparse
 import inspect
 import json
 import os
-import re
 import sys
 import time
 import warnings
@@ -28,7 +27,7 @@ from typing import Any
 
 from lcr_core.errors import LCRError
 from pipeline.pipeline import COMPILED, NAME, compile_pipeline, lcr_pipeline
-from pipeline.progress import StepLog
+from pipeline.progress import ANSI, StepLog
 
 DEFAULT_ROOT = "runs/pipeline"
 EXPERIMENT = "lcr"
@@ -84,7 +83,7 @@ def run_local(params: dict[str, Any], root: str = DEFAULT_ROOT) -> str:
         try:
             return lcr_pipeline(**params).output
         except RuntimeError as err:  # kfp's: "Pipeline '…' finished with status FAILURE. Inner task failed: '…'."
-            message = re.sub(r"\x1b\[[0-9;]*m", "", str(err).splitlines()[0])  # kfp colours task names
+            message = ANSI.sub("", str(err).splitlines()[0])
             raise PipelineError(f"{message} (its last lines are above; all of it is in {log_path})") from None
 
 

@@ -19,6 +19,7 @@ TASK_STARTED = re.compile(r" - INFO - Executing task '([^']+)'")
 TASK_ENDED = re.compile(r" - (?:INFO|ERROR) - Task '([^']+)' finished with status (\w+)")
 TRAINING = re.compile(r"epoch (\d+)/(\d+) step (\d+)/(\d+)")  # the pretraining's bar (components/pretrain.py)
 SHOWN_ON_FAILURE = 25
+KEPT = 200  # lines of the current step kept to show from: a traceback's first line among them
 BAR = "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} steps [{elapsed}{postfix}]"
 
 
@@ -30,7 +31,7 @@ class StepLog(io.TextIOBase):
         self.partial = ""
         self.step: str | None = None  # the latest to start
         self.started: defaultdict[str, deque[float]] = defaultdict(deque)  # kfp runs a loop's tasks at once
-        self.recent: deque[str] = deque(maxlen=SHOWN_ON_FAILURE)  # the current step's last lines
+        self.recent: deque[str] = deque(maxlen=KEPT)  # the current step's last lines
         self.bar: tqdm | None = None
         self.lock = threading.Lock()  # a loop's tasks print from threads of their own
 
@@ -60,7 +61,8 @@ class StepLog(io.TextIOBase):
             took = f" in {time.monotonic() - starts.popleft():.0f} s" if starts else ""
             self._show(f"  {ended[1]:<20} {status}{took}\n")
             if status != "success":
-                self._show("".join(f"    | {kept}\n" for kept in self.recent))
+                shown = without_traceback(list(self.recent))[-SHOWN_ON_FAILURE:]
+                self._show("".join(f"    | {kept}\n" for kept in shown))
         elif line.strip():
             self.recent.append(line.strip())
             if trained := TRAINING.search(line):
@@ -92,3 +94,11 @@ class StepLog(io.TextIOBase):
         if self.partial:
             self._read(ANSI.sub("", self.partial))
         super().close()
+
+
+def without_traceback(lines: list[str]) -> list[str]:
+    """A failed step's lines with a Python traceback cut down to its last line, the error itself
+    (the log file keeps it whole): kfp's executor lets a step's exception end the process."""
+    if "Traceback (most recent call last):" not in lines:
+        return lines
+    return lines[:lines.index("Traceback (most recent call last):")] + lines[-1:]

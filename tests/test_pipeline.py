@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import threading
 from contextlib import redirect_stdout
 
@@ -256,3 +257,21 @@ def test_a_failed_step_shows_its_last_lines():
     assert shown_lines[1].split()[:2] == ["pretrain", "failure"]
     assert shown_lines[2:] == [f"    | {line}" for line in output[-SHOWN_ON_FAILURE:]]
     assert "fine" not in terminal.getvalue()  # only the failed step's lines
+
+
+def test_a_failing_local_run_names_the_step_shows_its_error_and_keeps_the_log(tmp_path, capsys):
+    """The whole local runner, stopped at its first step: shards without a manifest."""
+    params = {"shards": str(tmp_path / "no-shards"), "mlflow_uri": f"sqlite:///{tmp_path}/mlflow.db",
+              "mode": "local", "cache_dir": str(tmp_path / "features")}
+    with pytest.raises(cli.PipelineError) as err:
+        cli.run_local(params, str(tmp_path / "pipeline"))
+    shown = capsys.readouterr().out
+    [log] = (tmp_path / "pipeline").glob("local-*.log")
+    assert re.fullmatch(r"Pipeline 'lcr-pretrain-evaluate-promote' finished with status FAILURE\. Inner task "
+                        rf"failed: 'check-new-shards'\. \(its last lines are above; all of it is in {log}\)",
+                        str(err.value)), str(err.value)
+    failed = re.split(r"  check-new-shards     failure in \d+ s\n", shown)[1]
+    # the step's error as one line: kfp's executor let the ShardError end the step with a traceback
+    assert failed.splitlines()[-1].startswith("    | components.data.ShardError: ") and "no manifest.json" in failed
+    assert "Traceback" not in failed and "Traceback" in log.read_text()
+    assert "Executing task" in log.read_text() and "Executing task" not in shown
