@@ -59,7 +59,7 @@ from components.shards import build_shards  # noqa: E402
 from components.storage import file_sha256  # noqa: E402
 from lcr_core.backbones import build_backbone  # noqa: E402
 from tests.conftest import VENV_BIN  # noqa: E402
-from tests.services import start_ray_head, stop_session  # noqa: E402  # noqa: E402
+from tests.services import start_ray_head, stop_session  # noqa: E402
 from tests.shard_samples import BAD_JPEG, colour_jpeg  # noqa: E402
 from tests.test_pretrain import TINY, same_weights, train_workers, training_run  # noqa: E402
 
@@ -130,12 +130,6 @@ class Command:
 
 # ---------------------------------------------------------------------------------------------
 # Processes
-
-def start_head(root: Path) -> tuple[subprocess.Popen, str, str]:
-    """A Ray head on loopback with 2 CPUs, in a session of its own; returns it, its GCS address and its
-    dashboard's."""
-    return start_ray_head(root, command_env())
-
 
 def command_env(**variables: str) -> dict[str, str]:
     """This environment without a RAY_ADDRESS of its own (commands join the bench's head or none)."""
@@ -628,7 +622,7 @@ def benchmark(args: argparse.Namespace, root: Path) -> int:
     shards_digest = tree_digest(shards)
     uri = f"sqlite:///{root}/mlflow.db"
     tracking.prepare_experiment(uri, EXPERIMENT)  # one process migrates a fresh store
-    head, address, dashboard = start_head(root)
+    head, address, dashboard = start_ray_head(root, command_env())
     try:
         bench = Bench(root, shards, uri, address, dashboard, args.epochs, random.Random(args.seed))
         reference, _ = reference_run(bench)

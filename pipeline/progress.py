@@ -79,8 +79,7 @@ class StepLog(io.TextIOBase):
             # every update drawn: they come at the pace of training steps; no rate: a step's output can
             # arrive in bursts
             self.bar = tqdm(total=epochs * steps, desc=f"  {self.step or 'pretrain'}", file=self.terminal,
-                            position=0, leave=False, mininterval=0, miniters=1,
-                            bar_format=BAR)
+                            position=0, leave=False, mininterval=0, miniters=1, bar_format=BAR)
         self.bar.set_postfix_str(f"epoch {epoch}/{epochs}", refresh=False)
         self.bar.update((epoch - 1) * steps + step - self.bar.n)
 
